@@ -1,0 +1,189 @@
+"""The aggregator interface shared by both modes, and the helpers every aggregator uses.
+
+An aggregator is pure numpy: no I/O, no AWS, no TensorFlow. The host (a Lambda handler, the
+offline CLI, a test) feeds it decoded weights and persists whatever it returns.
+
+Sync mode streams one round::
+
+    agg.begin(global_weights, RoundContext(round=3, carry={...}))
+    for update in updates:          # one at a time; memory stays O(model)
+        agg.accept(update)
+    result = agg.finish()           # new global weights + round metrics + carry for next round
+
+Async mode applies one update at a time::
+
+    result = agg.apply_async(global_weights, update, staleness=t - v, state=previous_state)
+    # result.weights is None while an update is only buffered (FedBuff)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from fedstream.weights import Weights
+
+Scalar = float | int | str | bool
+METRIC_NAMES = ("train_loss", "train_accuracy", "eval_loss", "eval_accuracy")
+
+
+class AggregationError(ValueError):
+    """An update or a round cannot be aggregated; ``reason`` names why for logs and metrics."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class PrivacyBudgetExhausted(AggregationError):
+    def __init__(self, message: str) -> None:
+        super().__init__("privacy_budget_exhausted", message)
+
+
+@dataclass
+class ClientUpdate:
+    """One client's result: full weights after local training, trained from ``base_version``."""
+
+    client_id: str
+    weights: Weights
+    num_examples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    base_version: int = 0
+    # The global weights the client started from; async aggregators that work on deltas need them.
+    base_weights: Weights | None = None
+
+
+@dataclass
+class RoundContext:
+    round: int
+    # Values an aggregator carried over from the previous round (e.g. an adaptive clip norm).
+    carry: Mapping[str, Scalar] = field(default_factory=dict)
+
+
+@dataclass
+class RoundResult:
+    weights: Weights
+    metrics: dict[str, float]
+    carry: dict[str, Scalar] = field(default_factory=dict)
+    # True when the aggregator cannot run another round (e.g. the DP budget is spent).
+    stop: bool = False
+
+
+@dataclass
+class AsyncState:
+    """State an async aggregator keeps between updates; the host persists it (safetensors + item)."""
+
+    arrays: Weights = field(default_factory=dict)
+    values: dict[str, Scalar] = field(default_factory=dict)
+
+
+@dataclass
+class AsyncResult:
+    weights: Weights | None
+    state: AsyncState | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    stop: bool = False
+
+
+class Aggregator:
+    """Base class: override the sync trio, ``apply_async``, or both, and declare ``modes``."""
+
+    modes: ClassVar[frozenset[str]] = frozenset({"sync"})
+    # Updates staler than this are rejected by the host before ``apply_async`` (None: no bound).
+    max_staleness: int | None = None
+
+    def client_settings(self, carry: Mapping[str, Scalar] | None = None) -> dict[str, Scalar]:
+        """Settings handed to clients for local training (e.g. FedProx's ``proximal_mu``)."""
+        return {}
+
+    def begin(self, global_weights: Weights, context: RoundContext) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not aggregate synchronous rounds")
+
+    def accept(self, update: ClientUpdate) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not aggregate synchronous rounds")
+
+    def finish(self) -> RoundResult:
+        raise NotImplementedError(f"{type(self).__name__} does not aggregate synchronous rounds")
+
+    def apply_async(
+        self,
+        global_weights: Weights,
+        update: ClientUpdate,
+        *,
+        staleness: int,
+        state: AsyncState | None = None,
+    ) -> AsyncResult:
+        raise NotImplementedError(f"{type(self).__name__} does not run in async mode")
+
+
+class WeightedSum:
+    """A running example-weighted sum of named arrays in float64: memory O(model), in place.
+
+    ``add`` never allocates a full-size temporary beyond one scaled copy per tensor, and the result
+    is cast back to each tensor's original dtype.
+    """
+
+    def __init__(self, like: Weights) -> None:
+        self._dtypes = {name: array.dtype for name, array in like.items()}
+        self._sums = {name: np.zeros(array.shape, dtype=np.float64) for name, array in like.items()}
+        self._scratch = {name: np.empty(array.shape, dtype=np.float64) for name, array in like.items()}
+        self.total_weight = 0.0
+        self.count = 0
+
+    def add(self, weights: Weights, weight: float) -> None:
+        for name, total in self._sums.items():
+            scratch = self._scratch[name]
+            np.multiply(weights[name], weight, out=scratch, casting="unsafe")
+            total += scratch
+        self.total_weight += float(weight)
+        self.count += 1
+
+    def mean(self) -> Weights:
+        if self.total_weight <= 0:
+            raise AggregationError("no_updates", "nothing to aggregate: no update with positive weight")
+        return {
+            name: (total / self.total_weight).astype(self._dtypes[name]) for name, total in self._sums.items()
+        }
+
+
+class MetricsMean:
+    """Example-weighted means of the client-reported training metrics."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, float] = {}
+        self._weights: dict[str, float] = {}
+        self.num_examples = 0
+        self.num_clients = 0
+
+    def add(self, metrics: Mapping[str, float], num_examples: int) -> None:
+        self.num_examples += num_examples
+        self.num_clients += 1
+        for name in METRIC_NAMES:
+            value = metrics.get(name)
+            if value is None or not np.isfinite(value):
+                continue
+            self._sums[name] = self._sums.get(name, 0.0) + float(value) * num_examples
+            self._weights[name] = self._weights.get(name, 0.0) + num_examples
+
+    def result(self) -> dict[str, float]:
+        out = {name: self._sums[name] / self._weights[name] for name in self._sums if self._weights[name] > 0}
+        out["num_clients"] = float(self.num_clients)
+        out["num_examples"] = float(self.num_examples)
+        return out
+
+
+def delta(weights: Weights, base: Weights) -> Weights:
+    """``weights - base`` per tensor, in float64."""
+    return {name: weights[name].astype(np.float64) - base[name] for name in base}
+
+
+def global_norm(tensors: Weights) -> float:
+    """The L2 norm over all tensors taken together."""
+    return float(np.sqrt(sum(float(np.vdot(t, t)) for t in tensors.values())))
+
+
+def cast_like(tensors: Mapping[str, np.ndarray], like: Weights) -> Weights:
+    return {name: np.asarray(tensors[name]).astype(like[name].dtype) for name in like}

@@ -1,0 +1,224 @@
+"""Plugin discovery and the aggregator registry.
+
+``get_plugin_manager()`` loads, in order: entry points of group ``fedstream`` (skipped when
+``FEDSTREAM_DISABLE_PLUGIN_AUTOLOAD`` is set), the built-in aggregator modules, and every module
+dropped into the ``plugins/`` folder (plus folders named in ``FEDSTREAM_PLUGIN_PATH``). All of them
+are registered with the same ``pm.register(module, name)`` call.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pluggy
+import pydantic
+
+from fedstream import hookspecs
+from fedstream.aggregation import Aggregator
+
+BUILTIN_MODULES = ("plugins.fedavg", "plugins.fedprox", "plugins.dp_noise", "plugins.fedasync", "plugins.fedbuff")
+AUTOLOAD_ENV = "FEDSTREAM_DISABLE_PLUGIN_AUTOLOAD"
+PLUGIN_PATH_ENV = "FEDSTREAM_PLUGIN_PATH"
+MODES = frozenset({"sync", "async"})
+
+
+class PluginError(ValueError):
+    """A plugin or aggregator choice is wrong; the message says where each piece came from."""
+
+
+class NoParams(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class FactoryContext:
+    """What an aggregator factory receives besides its parameters."""
+
+    rng: np.random.Generator
+    registry: AggregatorRegistry
+
+    def create(self, name: str, params: Mapping[str, Any] | None = None) -> Aggregator:
+        """Build another registered aggregator (for wrappers such as dp-noise), sharing the rng."""
+        return self.registry.create(name, params, rng=self.rng)
+
+
+@dataclass(frozen=True)
+class AggregatorInfo:
+    name: str
+    factory: Callable[[Any, FactoryContext], Aggregator]
+    params: type[pydantic.BaseModel]
+    modes: frozenset[str]
+    description: str
+    source: str
+
+    def parameters(self) -> list[dict[str, Any]]:
+        out = []
+        for field_name, field in self.params.model_fields.items():
+            annotation = getattr(field.annotation, "__name__", None) or str(field.annotation)
+            out.append(
+                {
+                    "name": field_name,
+                    "type": annotation.replace("typing.", ""),
+                    "default": None if field.is_required() else field.get_default(call_default_factory=True),
+                    "required": field.is_required(),
+                    "description": field.description or "",
+                }
+            )
+        return out
+
+
+class AggregatorRegistry:
+    def __init__(self, infos: Iterable[AggregatorInfo] = ()) -> None:
+        self._infos: dict[str, AggregatorInfo] = {}
+        for info in infos:
+            self.add(info)
+
+    def add(self, info: AggregatorInfo) -> None:
+        existing = self._infos.get(info.name)
+        if existing is not None:
+            raise PluginError(
+                f"aggregator {info.name!r} is registered twice: by {existing.source} and by {info.source}"
+            )
+        bad_modes = set(info.modes) - MODES
+        if not info.modes or bad_modes:
+            raise PluginError(f"aggregator {info.name!r} from {info.source} has invalid modes {sorted(info.modes)}")
+        self._infos[info.name] = info
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._infos
+
+    def names(self) -> list[str]:
+        return sorted(self._infos)
+
+    def infos(self) -> list[AggregatorInfo]:
+        return [self._infos[n] for n in self.names()]
+
+    def info(self, name: str) -> AggregatorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise PluginError(f"unknown aggregator {name!r}; available: {', '.join(self.names())}") from None
+
+    def validate_params(self, name: str, params: Mapping[str, Any] | None) -> pydantic.BaseModel:
+        info = self.info(name)
+        try:
+            return info.params.model_validate(dict(params or {}))
+        except pydantic.ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg']}" for err in exc.errors()
+            )
+            raise PluginError(f"invalid parameters for aggregator {name!r}: {problems}") from None
+
+    def create(
+        self,
+        name: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        rng: np.random.Generator | None = None,
+        seed: int | None = None,
+        mode: str | None = None,
+    ) -> Aggregator:
+        info = self.info(name)
+        if mode is not None and mode not in info.modes:
+            raise PluginError(
+                f"aggregator {name!r} runs in {'/'.join(sorted(info.modes))} mode, not {mode!r}"
+            )
+        validated = self.validate_params(name, params)
+        context = FactoryContext(rng=rng if rng is not None else np.random.default_rng(seed), registry=self)
+        return info.factory(validated, context)
+
+
+def _plugin_dirs() -> list[Path]:
+    dirs = [Path(__file__).resolve().parent.parent / "plugins"]
+    extra = os.environ.get(PLUGIN_PATH_ENV, "")
+    dirs += [Path(p) for p in extra.split(os.pathsep) if p]
+    return dirs
+
+
+def _import_dropin(path: Path) -> ModuleType:
+    module_name = f"fedstream_dropin_{path.stem}_{abs(hash(str(path))) % 10**8}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise PluginError(f"cannot import plugin file {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[module_name]
+        raise PluginError(f"plugin file {path} failed to import: {exc}") from exc
+    return module
+
+
+def get_plugin_manager(plugin_dirs: Iterable[Path] | None = None) -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    if not os.environ.get(AUTOLOAD_ENV):
+        pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+    builtin_files = set()
+    for module_name in BUILTIN_MODULES:
+        module = importlib.import_module(module_name)
+        builtin_files.add(Path(module.__file__).resolve())
+        pm.register(module, f"built-in:{module_name.rsplit('.', 1)[1]}")
+    for folder in plugin_dirs if plugin_dirs is not None else _plugin_dirs():
+        for path in sorted(Path(folder).glob("*.py")):
+            if path.name.startswith("_") or path.resolve() in builtin_files:
+                continue
+            pm.register(_import_dropin(path), f"file:{path}")
+    pm.check_pending()
+    return pm
+
+
+def _describe_source(pm: pluggy.PluginManager, plugin_name: str) -> str:
+    if plugin_name.startswith("built-in:"):
+        return "built-in"
+    if plugin_name.startswith("file:"):
+        return f"drop-in file {plugin_name[5:]}"
+    for name, dist in pm.list_plugin_distinfo():
+        if pm.get_name(name) == plugin_name:
+            return f"entry point {plugin_name!r} of package {dist.project_name}"
+    return f"plugin {plugin_name!r}"
+
+
+def build_registry(pm: pluggy.PluginManager | None = None) -> AggregatorRegistry:
+    """Ask every plugin to register its aggregators; each registration remembers its source."""
+    pm = pm or get_plugin_manager()
+    registry = AggregatorRegistry()
+    for impl in pm.hook.register_aggregators.get_hookimpls():
+        source = _describe_source(pm, impl.plugin_name)
+
+        def register(
+            name: str,
+            factory: Callable[[Any, FactoryContext], Aggregator],
+            *,
+            params: type[pydantic.BaseModel] = NoParams,
+            modes: Iterable[str] = ("sync",),
+            description: str = "",
+            _source: str = source,
+        ) -> None:
+            registry.add(
+                AggregatorInfo(name, factory, params, frozenset(modes), description.strip(), _source)
+            )
+
+        impl.function(register=register)
+    return registry
+
+
+_default_registry: AggregatorRegistry | None = None
+
+
+def default_registry() -> AggregatorRegistry:
+    """The process-wide registry (built once; Lambda handlers reuse it across invocations)."""
+    global _default_registry
+    if _default_registry is None:
+        _default_registry = build_registry()
+    return _default_registry
