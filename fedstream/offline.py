@@ -1,9 +1,351 @@
-"""Commands of this group (filled in by their own module)."""
+"""Offline commands: list aggregator plugins, aggregate model files on one machine, account privacy.
+
+    fedstream plugins list [--json]
+    fedstream aggregate --aggregator fedavg --global g.safetensors -o new.safetensors \\
+        u1.safetensors:600 u2.safetensors:400
+    fedstream aggregate --aggregator fedbuff --global g.safetensors --version 7 \\
+        u1.safetensors:600:7 u2.safetensors:400:5 --base 5=v5.safetensors -o new.safetensors
+    fedstream privacy --noise-multiplier 1.1 --sample-rate 0.1 --rounds 100 --delta 1e-5
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
+import math
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pluggy
+import pydantic
+
+from fedstream.aggregation import AggregationError, AsyncState, ClientUpdate, RoundContext, Scalar
+from fedstream.cli import CliError, parse_params
+from fedstream.registry import AggregatorInfo, AggregatorRegistry, build_registry
+from fedstream.weights import ModelSpec, Weights, load_file, save_file
+
+CREATOR = "fedstream aggregate"
+Command = Callable[[argparse.Namespace], int]
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    return None
+    plugins = subparsers.add_parser("plugins", help="inspect the aggregator plugins")
+    plugins_sub = plugins.add_subparsers(dest="plugins_command", required=True, metavar="SUBCOMMAND")
+    listing = plugins_sub.add_parser("list", help="every aggregator with its source, modes and parameters")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing.set_defaults(func=_user_errors(list_plugins))
+
+    aggregate = subparsers.add_parser(
+        "aggregate",
+        help="aggregate client updates into a new global model, offline",
+        description="Sync aggregators take updates as PATH:NUM_EXAMPLES and run one round. Async aggregators "
+        "take PATH:NUM_EXAMPLES:BASE_VERSION and apply them in order; an update's base weights come from "
+        "--base VERSION=PATH, or are the --global weights when its base version is the global's version.",
+    )
+    aggregate.add_argument("--aggregator", required=True, help="name, see `fedstream plugins list`")
+    aggregate.add_argument("--param", action="append", metavar="KEY=VALUE", help="aggregator parameter")
+    aggregate.add_argument("--global", dest="global_path", required=True, type=Path, help="the global model")
+    aggregate.add_argument("updates", nargs="+", metavar="UPDATE", help="PATH:N (sync), PATH:N:BASE_VERSION")
+    aggregate.add_argument("-o", "--output", required=True, type=Path, help="where to write the new model")
+    aggregate.add_argument("--seed", type=int, help="seed for aggregators that draw noise (default: random)")
+    aggregate.add_argument("--round", type=int, default=1, help="sync: the round number, from 1 (default 1)")
+    aggregate.add_argument("--carry", action="append", metavar="KEY=VALUE", help="sync: value carried from "
+                           "the previous round, e.g. clip_norm=1.2")
+    aggregate.add_argument("--version", type=int, help="version of --global (default: its metadata, else 0)")
+    aggregate.add_argument("--base", action="append", metavar="VERSION=PATH", help="async: weights of an "
+                           "older global version that updates were trained from")
+    aggregate.add_argument("--mode", choices=("sync", "async"), help="for aggregators that run in both modes")
+    aggregate.set_defaults(func=_user_errors(aggregate_files))
+
+    privacy = subparsers.add_parser(
+        "privacy", help="epsilon after T rounds of DP-FedAvg, or how many rounds fit an epsilon budget"
+    )
+    privacy.add_argument("--noise-multiplier", type=float, required=True, help="noise multiplier z")
+    privacy.add_argument("--sample-rate", type=float, default=1.0, help="fraction q of clients a round (1.0)")
+    budget = privacy.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--rounds", type=int, help="number of rounds T: print epsilon")
+    budget.add_argument("--epsilon", type=float, help="budget E: print how many rounds fit")
+    privacy.add_argument("--delta", type=float, default=1e-5, help="delta (default 1e-5)")
+    privacy.add_argument("--json", action="store_true", help="print JSON")
+    privacy.set_defaults(func=_user_errors(privacy_command))
+
+
+def _user_errors(command: Command) -> Command:
+    """Turn validation errors from bad input into one-line ``CliError`` messages (exit 2, no traceback)."""
+
+    @functools.wraps(command)
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except pydantic.ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors()
+            )
+            raise CliError(f"invalid input: {problems}") from None
+        except pluggy.PluginValidationError as exc:
+            raise CliError(f"plugin {exc.plugin!r} is invalid: {_one_line(exc)}") from None
+        except (CliError, AggregationError):
+            raise
+        except ValueError as exc:
+            raise CliError(_one_line(exc)) from None
+
+    return wrapper
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+# --- plugins list -------------------------------------------------------------------------------
+
+
+def list_plugins(args: argparse.Namespace) -> int:
+    infos = build_registry().infos()
+    if args.json:
+        print(json.dumps([_describe(info) for info in infos], indent=2, default=str))
+        return 0
+    headers = ("NAME", "MODES", "SOURCE", "DESCRIPTION")
+    rows = [(info.name, "/".join(sorted(info.modes)), info.source, info.description) for info in infos]
+    widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(3)]
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "  ".join(cell.ljust(width) for cell, width in zip(cells, [*widths, 0], strict=True)).rstrip()
+
+    print(line(headers))
+    for info, row in zip(infos, rows, strict=True):
+        print(line(row))
+        for text in _pack(["parameters:", *map(_describe_parameter, info.parameters())], width=100):
+            print(f"    {text}")
+    return 0
+
+
+def _describe(info: AggregatorInfo) -> dict[str, Any]:
+    return {
+        "name": info.name,
+        "source": info.source,
+        "modes": sorted(info.modes),
+        "parameters": info.parameters(),
+        "description": info.description,
+    }
+
+
+def _pack(items: list[str], width: int) -> list[str]:
+    """Join items with "; " into lines of at most ``width`` characters, never splitting an item."""
+    lines: list[str] = []
+    for item in items:
+        if lines and len(lines[-1]) + len(item) + 2 <= width:
+            lines[-1] += (" " if lines[-1].endswith(":") else "; ") + item
+        else:
+            lines.append(item)
+    return lines
+
+
+def _describe_parameter(parameter: dict[str, Any]) -> str:
+    text = f"{parameter['name']}: {parameter['type']}"
+    return f"{text} (required)" if parameter["required"] else f"{text} = {parameter['default']!r}"
+
+
+# --- aggregate ----------------------------------------------------------------------------------
+
+
+def aggregate_files(args: argparse.Namespace) -> int:
+    registry = build_registry()
+    info = registry.info(args.aggregator)
+    mode = args.mode or ("sync" if "sync" in info.modes else "async")
+    global_weights, global_metadata = load_file(args.global_path)
+    version = args.version if args.version is not None else _metadata_version(global_metadata)
+    params = parse_params(args.param)
+    if mode == "sync":
+        report = _aggregate_round(registry, args, params, global_weights, version)
+    else:
+        report = _apply_in_order(registry, args, params, global_weights, version)
+    print(json.dumps(_jsonable(report), indent=2))
+    return 0
+
+
+def _aggregate_round(
+    registry: AggregatorRegistry, args: argparse.Namespace, params: dict[str, str], global_weights: Weights,
+    version: int,
+) -> dict[str, Any]:
+    aggregator = registry.create(args.aggregator, params, seed=args.seed, mode="sync")
+    spec = ModelSpec.of(global_weights)
+    aggregator.begin(global_weights, RoundContext(round=args.round, carry=_parse_carry(args.carry)))
+    for text in args.updates:
+        path, num_examples, _ = _parse_update(text, with_base_version=False)
+        weights, _ = load_file(path, spec)  # one update in memory at a time
+        aggregator.accept(ClientUpdate(path.stem, weights, num_examples, base_version=version))
+    result = aggregator.finish()
+    sha256 = _write(args, result.weights, version + 1, version, round=str(args.round))
+    return {
+        "aggregator": args.aggregator,
+        "mode": "sync",
+        "round": args.round,
+        "version": version + 1,
+        "parent_version": version,
+        "output": str(args.output),
+        "sha256": sha256,
+        "metrics": result.metrics,
+        "carry": result.carry,
+        "stop": result.stop,
+    }
+
+
+def _apply_in_order(
+    registry: AggregatorRegistry, args: argparse.Namespace, params: dict[str, str], global_weights: Weights,
+    version: int,
+) -> dict[str, Any]:
+    if args.carry:
+        raise CliError("--carry applies to sync aggregators only")
+    aggregator = registry.create(args.aggregator, params, seed=args.seed, mode="async")
+    spec = ModelSpec.of(global_weights)
+    base_paths = _parse_bases(args.base)
+    bases: dict[int, Weights] = {version: global_weights}
+    current, current_version = global_weights, version
+    state: AsyncState | None = None
+    applied: list[dict[str, Any]] = []
+    for text in args.updates:
+        path, num_examples, base_version = _parse_update(text, with_base_version=True)
+        staleness = current_version - base_version
+        if staleness < 0:
+            raise CliError(f"{path} claims base version {base_version}, newer than version {current_version}")
+        limit = aggregator.max_staleness
+        if limit is not None and staleness > limit:
+            raise AggregationError("stale", f"{path} is {staleness} versions stale (max {limit})")
+        if base_version not in bases and base_version in base_paths:
+            bases[base_version], _ = load_file(base_paths[base_version], spec)
+        weights, _ = load_file(path, spec)
+        update = ClientUpdate(path.stem, weights, num_examples, base_version=base_version,
+                              base_weights=bases.get(base_version))
+        try:
+            result = aggregator.apply_async(current, update, staleness=staleness, state=state)
+        except AggregationError as exc:
+            if exc.reason == "missing_base_weights":
+                raise CliError(f"{path} was trained from version {base_version}: pass --base "
+                               f"{base_version}=PATH with that version's weights") from None
+            raise
+        state = result.state
+        if result.weights is not None:
+            current, current_version = result.weights, current_version + 1
+        applied.append({
+            "update": str(path),
+            "staleness": staleness,
+            "new_version": current_version if result.weights is not None else None,
+            "metrics": result.metrics,
+        })
+    pending = int(state.values.get("count", 0)) if state is not None else 0
+    if current_version == version:
+        raise CliError(f"no new version: {args.aggregator} buffered all {pending} updates without a step")
+    sha256 = _write(args, current, current_version, version)
+    return {
+        "aggregator": args.aggregator,
+        "mode": "async",
+        "version": current_version,
+        "parent_version": version,
+        "output": str(args.output),
+        "sha256": sha256,
+        "updates": applied,
+        "pending_updates": pending,
+    }
+
+
+def _write(args: argparse.Namespace, weights: Weights, version: int, parent: int, **extra: str) -> str:
+    metadata = {
+        "aggregator": args.aggregator,
+        "version": str(version),
+        "parent_version": str(parent),
+        "created_at": datetime.now(UTC).isoformat(),
+        "creator": CREATOR,
+        **extra,
+    }
+    return save_file(args.output, weights, metadata)
+
+
+def _metadata_version(metadata: dict[str, str]) -> int:
+    try:
+        return int(metadata.get("version", "0"))
+    except ValueError:
+        return 0
+
+
+def _parse_update(text: str, *, with_base_version: bool) -> tuple[Path, int, int]:
+    parts = text.rsplit(":", 2 if with_base_version else 1)
+    expected = "PATH:NUM_EXAMPLES:BASE_VERSION" if with_base_version else "PATH:NUM_EXAMPLES"
+    if len(parts) != (3 if with_base_version else 2) or not parts[0]:
+        raise CliError(f"update {text!r} should be {expected}")
+    try:
+        numbers = [int(p) for p in parts[1:]]
+    except ValueError:
+        raise CliError(f"update {text!r} should be {expected} with whole numbers") from None
+    if any(n < 0 for n in numbers):
+        raise CliError(f"update {text!r}: numbers must not be negative")
+    return Path(parts[0]), numbers[0], numbers[1] if with_base_version else 0
+
+
+def _parse_bases(pairs: list[str] | None) -> dict[int, Path]:
+    bases: dict[int, Path] = {}
+    for pair in pairs or ():
+        version, sep, path = pair.partition("=")
+        if not sep or not path or not version.strip().isdigit():
+            raise CliError(f"--base expects VERSION=PATH, got {pair!r}")
+        bases[int(version)] = Path(path)
+    return bases
+
+
+def _parse_carry(pairs: list[str] | None) -> dict[str, Scalar]:
+    carry: dict[str, Scalar] = {}
+    for key, text in parse_params(pairs).items():
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        carry[key] = value if isinstance(value, float | int | str | bool) else text
+    return carry
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON has no Infinity/NaN: such floats are printed as the strings "inf" / "nan"."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+# --- privacy ------------------------------------------------------------------------------------
+
+
+def privacy_command(args: argparse.Namespace) -> int:
+    from plugins.dp_noise import epsilon_for, rounds_within_budget
+
+    z, q, delta = args.noise_multiplier, args.sample_rate, args.delta
+    if not (math.isfinite(z) and z >= 0):
+        raise CliError(f"--noise-multiplier must be >= 0, got {z}")
+    if not 0 < q <= 1:
+        raise CliError(f"--sample-rate must be in (0, 1], got {q}")
+    if not 0 < delta < 1:
+        raise CliError(f"--delta must be in (0, 1), got {delta}")
+    setting = f"noise multiplier {z:g}, sample rate {q:g}, delta {delta:g}"
+    if args.rounds is not None:
+        if args.rounds < 0:
+            raise CliError(f"--rounds must be >= 0, got {args.rounds}")
+        epsilon = epsilon_for(z, q, args.rounds, delta)
+        report: dict[str, Any] = {"epsilon": epsilon, "rounds": args.rounds}
+        text = f"epsilon = {epsilon:.4f} after {args.rounds} rounds ({setting})"
+    else:
+        if not (math.isfinite(args.epsilon) and args.epsilon > 0):
+            raise CliError(f"--epsilon must be a positive number, got {args.epsilon}")
+        rounds = rounds_within_budget(z, q, args.epsilon, delta)
+        spent = epsilon_for(z, q, rounds, delta)
+        report = {"rounds": rounds, "epsilon_budget": args.epsilon, "epsilon": spent}
+        text = f"{rounds} rounds fit within epsilon {args.epsilon:g} ({setting})"
+    if args.json:
+        print(json.dumps(_jsonable({**report, "noise_multiplier": z, "sample_rate": q, "delta": delta})))
+    else:
+        print(text)
+    return 0
+

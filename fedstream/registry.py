@@ -63,7 +63,8 @@ class AggregatorInfo:
     def parameters(self) -> list[dict[str, Any]]:
         out = []
         for field_name, field in self.params.model_fields.items():
-            annotation = getattr(field.annotation, "__name__", None) or str(field.annotation)
+            kind = field.annotation
+            annotation = kind.__name__ if isinstance(kind, type) else str(kind)  # Literal shows choices
             out.append(
                 {
                     "name": field_name,

@@ -1,9 +1,78 @@
-"""Commands of this group (filled in by their own module)."""
+"""``fedstream local``: run federated training end to end on the embedded AWS."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+
+def _stragglers(text: str) -> tuple[int, float]:
+    count, _, factor = text.partition(":")
+    try:
+        return int(count), float(factor or 4.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--stragglers expects K:FACTOR, e.g. 2:4, got {text!r}") from None
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    return None
+    parser = subparsers.add_parser(
+        "local",
+        help="run federated training on an embedded AWS (moto server) on this machine",
+        description="Start a moto server, create the stack's resources, run the real handlers and "
+        "state machine, start N client processes, and train.",
+    )
+    parser.add_argument("--mode", choices=["sync"], default="sync")
+    parser.add_argument("--aggregator", default="fedavg")
+    parser.add_argument("--param", action="append", metavar="K=V", help="aggregator parameter (repeatable)")
+    parser.add_argument("--clients", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dataset", default="mnist-5k", choices=["mnist-5k", "digits", "fashion-mnist"])
+    parser.add_argument("--partition", default="iid", help="iid | dirichlet:ALPHA | shards:S")
+    parser.add_argument("--min-clients", type=int, help="quorum to close a round at its deadline")
+    parser.add_argument("--round-timeout", type=int, default=300, help="round deadline in seconds")
+    parser.add_argument("--stragglers", type=_stragglers, metavar="K:FACTOR", help="slow K clients by FACTOR")
+    parser.add_argument("--target-accuracy", type=float, help="stop once clients report this eval accuracy")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trainer", default="keras", help="keras | numpy (logistic regression, no TF)")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--out", type=Path, default=Path("runs/local"))
+    parser.add_argument("--no-progress", action="store_true", help="plain lines instead of a live table")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fedstream.cli import CliError, parse_params
+    from fedstream.local.run import LocalRunConfig, run_local
+
+    if args.clients < 1:
+        raise CliError("--clients must be at least 1")
+    if args.min_clients is not None and not 1 <= args.min_clients <= args.clients:
+        raise CliError(f"--min-clients must be between 1 and --clients ({args.clients})")
+    stragglers, factor = args.stragglers or (0, 1.0)
+    if stragglers > args.clients:
+        raise CliError("--stragglers cannot slow more clients than there are")
+    config = LocalRunConfig(
+        mode=args.mode,
+        aggregator=args.aggregator,
+        params=parse_params(args.param),
+        clients=args.clients,
+        rounds=args.rounds,
+        dataset=args.dataset,
+        partition=args.partition,
+        min_clients=args.min_clients,
+        round_timeout=args.round_timeout,
+        stragglers=stragglers,
+        straggler_factor=factor,
+        target_accuracy=args.target_accuracy,
+        seed=args.seed,
+        out=args.out,
+        trainer=args.trainer,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        progress=not args.no_progress,
+    )
+    summary = run_local(config)
+    return 0 if summary.status == "SUCCEEDED" else 1

@@ -1,0 +1,223 @@
+"""The FL client loop: poll the client's own queue, train on each new global model, report.
+
+For every "global model ready" message: download the model and verify its sha256, train locally,
+upload the update under the client's own prefix, put the record with a condition (a retry never
+double-counts), and only then delete the message. Visibility is extended while training. On
+"training complete" the loop exits 0. SIGTERM lets the current step finish (or abandons a training
+step before its upload, leaving the message to be redelivered) and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import boto3
+import pydantic
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from fedstream import keys
+from fedstream.schemas import Message, ModelReady, TrainingComplete, TrainingMetrics, UpdateRecord
+from fedstream.settings import ClientSettings
+from fedstream.weights import ModelSpec, Weights, WireFormatError, decode, encode, sha256_hex
+
+log = logging.getLogger("fedstream.client")
+_MESSAGE = pydantic.TypeAdapter(Message)
+
+
+class Stopped(Exception):
+    """SIGTERM arrived while training: the message stays on the queue for redelivery."""
+
+
+@dataclass
+class ClientStats:
+    trained: int = 0
+    skipped: int = 0
+    rejected_messages: int = 0
+    last_version: int = -1
+
+
+class FederatedClient:
+    def __init__(
+        self,
+        settings: ClientSettings,
+        trainer: Any,
+        session: boto3.Session | None = None,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.trainer = trainer
+        session = session or boto3.Session(region_name=settings.region)
+        config = Config(retries={"mode": "standard", "max_attempts": 5})
+        kwargs = {"endpoint_url": settings.endpoint_url, "config": config, "region_name": settings.region}
+        self.sqs = session.client("sqs", **kwargs)
+        self.s3 = session.client("s3", **kwargs)
+        self.table = session.resource("dynamodb", **kwargs).Table(settings.updates_table)
+        self.stop = threading.Event()
+        self.stats = ClientStats()
+        self.on_event = on_event or (lambda event, fields: None)
+        self._spec: ModelSpec | None = None
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, frame: Any) -> None:
+            log.info("signal %s: stopping after the current step", signum)
+            self.stop.set()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def run(self, max_idle_seconds: float | None = None) -> int:
+        idle_since = time.monotonic()
+        while not self.stop.is_set():
+            messages = self.sqs.receive_message(
+                QueueUrl=self.settings.queue_url,
+                MaxNumberOfMessages=10,
+                WaitTimeSeconds=self.settings.wait_seconds,
+                VisibilityTimeout=self.settings.visibility_timeout,
+            ).get("Messages", [])
+            if not messages:
+                if max_idle_seconds is not None and time.monotonic() - idle_since > max_idle_seconds:
+                    log.warning("no message for %.0f s; giving up", max_idle_seconds)
+                    return 3
+                continue
+            idle_since = time.monotonic()
+            done = self._handle_batch(messages)
+            if done is not None:
+                return done
+        return 0
+
+    def _handle_batch(self, messages: list[dict[str, Any]]) -> int | None:
+        parsed: list[tuple[dict[str, Any], ModelReady | TrainingComplete]] = []
+        for message in messages:
+            try:
+                parsed.append((message, _MESSAGE.validate_json(message["Body"])))
+            except pydantic.ValidationError as exc:
+                self.stats.rejected_messages += 1
+                log.error("message rejected: not a fedstream message (%d errors)", exc.error_count())
+                self._delete(message)
+        complete = [(m, p) for m, p in parsed if isinstance(p, TrainingComplete)]
+        if complete:
+            for message, _ in parsed:
+                self._delete(message)
+            _, body = complete[0]
+            self.on_event("complete", {"reason": body.reason, "final_version": body.final_version})
+            log.info("training complete (%s)", body.reason)
+            return 0 if body.reason == "done" else 4
+        ready = sorted((p.version, i) for i, (_, p) in enumerate(parsed) if isinstance(p, ModelReady))
+        if not ready:
+            return None
+        newest = ready[-1][1]
+        for _, index in ready[:-1]:  # a newer version supersedes older ones in the same batch
+            self.stats.skipped += 1
+            self._delete(parsed[index][0])
+        message, body = parsed[newest]
+        assert isinstance(body, ModelReady)
+        if body.version <= self.stats.last_version:
+            self.stats.skipped += 1
+            self._delete(message)
+            return None
+        try:
+            self._train_and_report(message, body)
+        except Stopped:
+            return 0
+        return None
+
+    # ---- one step ---------------------------------------------------------------------------
+    def _train_and_report(self, message: dict[str, Any], body: ModelReady) -> None:
+        global_weights = self._download_global(body)
+        if global_weights is None:
+            self._delete(message)
+            return
+        self.on_event("training", {"version": body.version, "round": body.round})
+        result = self._train_with_heartbeat(message, global_weights, body)
+        if self.stop.is_set():
+            raise Stopped
+        data = encode(
+            result.weights,
+            {
+                "run_id": body.run_id,
+                "client_id": self.settings.client_id,
+                "base_version": str(body.version),
+                "creator": "fedstream.client",
+            },
+        )
+        key = keys.update_key(body.run_id, self.settings.client_id, body.version, uuid.uuid4().hex[:12])
+        self.s3.put_object(Bucket=self.settings.bucket, Key=key, Body=data)
+        record = UpdateRecord.create(
+            client_id=self.settings.client_id,
+            run_id=body.run_id,
+            base_version=body.version,
+            round=body.round,
+            object_key=key,
+            sha256=sha256_hex(data),
+            num_examples=result.num_examples,
+            metrics=TrainingMetrics(**{k: v for k, v in result.metrics.items() if k in TrainingMetrics.model_fields}),
+            task_token=body.task_token,
+        )
+        self._put_record(record)
+        self._delete(message)
+        self.stats.trained += 1
+        self.stats.last_version = body.version
+        self.on_event("reported", {"version": body.version, "round": body.round, **result.metrics})
+
+    def _download_global(self, body: ModelReady) -> Weights | None:
+        try:
+            data = self.s3.get_object(Bucket=self.settings.bucket, Key=body.object_key)["Body"].read()
+            if self._spec is None:
+                self._spec = ModelSpec.of(self.trainer.initial_weights())
+            weights, _ = decode(
+                data, self._spec, max_bytes=self.settings.max_model_bytes, expected_sha256=body.sha256
+            )
+        except WireFormatError as exc:
+            self.stats.rejected_messages += 1
+            log.error("global model %s rejected: %s (%s)", body.object_key, exc, exc.reason)
+            return None
+        except ClientError as exc:
+            log.error("global model %s unavailable: %s", body.object_key, exc)
+            return None
+        return weights
+
+    def _train_with_heartbeat(self, message: dict[str, Any], weights: Weights, body: ModelReady) -> Any:
+        done = threading.Event()
+        interval = max(5.0, self.settings.visibility_timeout / 3)
+
+        def heartbeat() -> None:
+            while not done.wait(interval):
+                try:
+                    self.sqs.change_message_visibility(
+                        QueueUrl=self.settings.queue_url,
+                        ReceiptHandle=message["ReceiptHandle"],
+                        VisibilityTimeout=self.settings.visibility_timeout,
+                    )
+                except ClientError as exc:
+                    log.warning("could not extend visibility: %s", exc)
+
+        beat = threading.Thread(target=heartbeat, daemon=True)
+        beat.start()
+        try:
+            return self.trainer.fit(weights, dict(body.client_settings))
+        finally:
+            done.set()
+            beat.join()
+
+    def _put_record(self, record: UpdateRecord) -> None:
+        item = json.loads(record.model_dump_json(exclude_none=True), parse_float=Decimal)
+        try:
+            self.table.put_item(Item=item, ConditionExpression="attribute_not_exists(client_id)")
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
+                raise
+            log.info("record for version %s already written; not counted twice", record.base_version)
+
+    def _delete(self, message: dict[str, Any]) -> None:
+        self.sqs.delete_message(QueueUrl=self.settings.queue_url, ReceiptHandle=message["ReceiptHandle"])

@@ -1,0 +1,170 @@
+"""The embedded AWS: a moto server on 127.0.0.1 with the same resources the CDK stack creates."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+
+REGION = "us-east-1"
+ACCOUNT = "123456789012"
+STATE_MACHINE_FILE = Path(__file__).resolve().parents[2] / "stacks" / "state_machine.asl.json"
+
+
+def aws_environment(endpoint: str, port: int) -> dict[str, str]:
+    """Variables that point boto3 (and moto's state machine interpreter) at the embedded AWS."""
+    return {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_REGION": REGION,
+        "AWS_ACCOUNT_ID_ENDPOINT_MODE": "disabled",
+        "FEDSTREAM_ENDPOINT_URL": endpoint,
+        "MOTO_PORT": str(port),
+        "POWERTOOLS_TRACE_DISABLED": "true",
+        "POWERTOOLS_SERVICE_NAME": "fedstream",
+    }
+
+
+class EmbeddedAWS:
+    """A ``ThreadedMotoServer`` on loopback with Step Functions executions switched on."""
+
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.port = 0
+        self.endpoint = ""
+
+    def __enter__(self) -> EmbeddedAWS:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self._server.start()
+        host, port = self._server.get_host_and_port()
+        self.port = int(port)
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        request = urllib.request.Request(
+            f"{self.endpoint}/moto-api/config",
+            data=json.dumps({"stepfunctions": {"execute_state_machine": True}}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        urllib.request.urlopen(request, timeout=10).read()  # noqa: S310 - loopback only
+        os.environ.update(aws_environment(self.endpoint, self.port))
+
+    def stop(self) -> None:
+        self._server.stop()
+
+    def session(self) -> boto3.Session:
+        return boto3.Session(
+            aws_access_key_id="testing", aws_secret_access_key="testing", region_name=REGION
+        )
+
+    def client(self, service: str) -> Any:
+        return self.session().client(service, endpoint_url=self.endpoint)
+
+
+@dataclass(frozen=True)
+class Resources:
+    bucket: str
+    run_table: str
+    updates_table: str
+    topic_arn: str
+    queue_urls: dict[str, str]
+    finalize_queue_url: str | None
+    dlq_url: str
+    stream_arn: str
+    state_machine_arn: str | None
+
+
+def state_machine_definition(topic_arn: str, run_table: str, finalize_queue_url: str) -> str:
+    """The stack's definition with its substitutions filled in, exactly as CDK would."""
+    text = STATE_MACHINE_FILE.read_text()
+    for name, value in {
+        "TopicArn": topic_arn,
+        "RunTable": run_table,
+        "FinalizeQueueUrl": finalize_queue_url,
+    }.items():
+        text = text.replace("${" + name + "}", value)
+    return text
+
+
+def create_resources(aws: EmbeddedAWS, prefix: str, client_ids: list[str], mode: str) -> Resources:
+    s3, ddb, sns, sqs = (aws.client(s) for s in ("s3", "dynamodb", "sns", "sqs"))
+    bucket = f"{prefix}-models"
+    s3.create_bucket(Bucket=bucket)
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    run_table, updates_table = f"{prefix}-runs", f"{prefix}-updates"
+    ddb.create_table(
+        TableName=run_table,
+        KeySchema=[{"AttributeName": "run_id", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
+        AttributeDefinitions=[
+            {"AttributeName": "run_id", "AttributeType": "S"},
+            {"AttributeName": "sk", "AttributeType": "S"},
+        ],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    table = ddb.create_table(
+        TableName=updates_table,
+        KeySchema=[
+            {"AttributeName": "client_id", "KeyType": "HASH"},
+            {"AttributeName": "update_id", "KeyType": "RANGE"},
+        ],
+        AttributeDefinitions=[
+            {"AttributeName": "client_id", "AttributeType": "S"},
+            {"AttributeName": "update_id", "AttributeType": "S"},
+        ],
+        BillingMode="PAY_PER_REQUEST",
+        StreamSpecification={"StreamEnabled": True, "StreamViewType": "NEW_IMAGE"},
+    )
+    stream_arn = table["TableDescription"]["LatestStreamArn"]
+    topic_arn = sns.create_topic(Name=f"{prefix}-model-ready")["TopicArn"]
+    dlq_url = sqs.create_queue(QueueName=f"{prefix}-dlq")["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"})
+    queue_urls = {}
+    for client_id in client_ids:
+        url = sqs.create_queue(
+            QueueName=f"{prefix}-client-{client_id}",
+            Attributes={"VisibilityTimeout": "300", "RedrivePolicy": redrive},
+        )["QueueUrl"]
+        arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        sns.subscribe(
+            TopicArn=topic_arn, Protocol="sqs", Endpoint=arn, Attributes={"RawMessageDelivery": "true"}
+        )
+        queue_urls[client_id] = url
+    finalize_url = state_machine_arn = None
+    if mode == "sync":
+        finalize_url = sqs.create_queue(
+            QueueName=f"{prefix}-finalize", Attributes={"VisibilityTimeout": "5", "RedrivePolicy": redrive}
+        )["QueueUrl"]
+        state_machine_arn = aws.client("stepfunctions").create_state_machine(
+            name=f"{prefix}-rounds",
+            definition=state_machine_definition(topic_arn, run_table, finalize_url),
+            roleArn=f"arn:aws:iam::{ACCOUNT}:role/{prefix}-state-machine",
+        )["stateMachineArn"]
+    return Resources(
+        bucket=bucket,
+        run_table=run_table,
+        updates_table=updates_table,
+        topic_arn=topic_arn,
+        queue_urls=queue_urls,
+        finalize_queue_url=finalize_url,
+        dlq_url=dlq_url,
+        stream_arn=stream_arn,
+        state_machine_arn=state_machine_arn,
+    )

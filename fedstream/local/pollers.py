@@ -1,0 +1,216 @@
+"""Event-source pollers: deliver Lambda-shaped events to the real handlers, in process.
+
+They do what Lambda's event source mappings do: batch records, honour ``batchItemFailures`` by
+retrying from the first failed record (streams) or leaving failed messages on the queue (SQS),
+and send a record that keeps failing to a dead-letter list after ``max_retries``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+log = logging.getLogger("fedstream.local")
+Handler = Callable[[dict[str, Any], Any], dict[str, Any]]
+
+# One Lambda container runs one invocation at a time; the in-process runtime does the same.
+INVOKE_LOCK = threading.Lock()
+
+
+@dataclass
+class FakeLambdaContext:
+    function_name: str
+    memory_limit_in_mb: int = 1024
+    timeout_seconds: float = 900.0
+    aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    invoked_function_arn: str = ""
+    log_group_name: str = ""
+    log_stream_name: str = "local"
+    _started: float = field(default_factory=time.monotonic)
+
+    def get_remaining_time_in_millis(self) -> int:
+        return int(max(0.0, self.timeout_seconds - (time.monotonic() - self._started)) * 1000)
+
+
+def invoke(handler: Handler, event: dict[str, Any], function_name: str) -> dict[str, Any]:
+    with INVOKE_LOCK:
+        return handler(event, FakeLambdaContext(function_name=function_name)) or {}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class Poller(threading.Thread):
+    def __init__(self, name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self._stop_event = threading.Event()
+        self.invocations = 0
+        self.failures = 0
+        self.dead_letters: list[dict[str, Any]] = []
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+class StreamPoller(Poller):
+    """DynamoDB stream -> handler, with partial-batch failures and bisect-free retry."""
+
+    def __init__(
+        self,
+        streams: Any,
+        stream_arn: str,
+        handler: Handler,
+        function_name: str,
+        *,
+        batch_size: int = 10,
+        max_retries: int = 3,
+        idle_sleep: float = 0.1,
+    ) -> None:
+        super().__init__(f"stream-poller-{function_name}")
+        self.streams, self.stream_arn, self.handler = streams, stream_arn, handler
+        self.function_name, self.batch_size, self.max_retries = function_name, batch_size, max_retries
+        self.idle_sleep = idle_sleep
+        self.delivered = 0
+
+    def run(self) -> None:
+        iterators: dict[str, str | None] = {}
+        pending: list[dict[str, Any]] = []
+        while not self._stop_event.is_set():
+            try:
+                if not pending:
+                    pending = self._read(iterators)
+                if not pending:
+                    self._stop_event.wait(self.idle_sleep)
+                    continue
+                pending = self._deliver(pending)
+            except Exception:
+                log.exception("stream poller error; retrying")
+                self._stop_event.wait(0.5)
+
+    def _read(self, iterators: dict[str, str | None]) -> list[dict[str, Any]]:
+        shards = self.streams.describe_stream(StreamArn=self.stream_arn)["StreamDescription"]["Shards"]
+        for shard in shards:
+            if shard["ShardId"] not in iterators:
+                iterators[shard["ShardId"]] = self.streams.get_shard_iterator(
+                    StreamArn=self.stream_arn, ShardId=shard["ShardId"], ShardIteratorType="TRIM_HORIZON"
+                )["ShardIterator"]
+        records: list[dict[str, Any]] = []
+        for shard_id, iterator in iterators.items():
+            if iterator is None:
+                continue
+            response = self.streams.get_records(ShardIterator=iterator, Limit=self.batch_size)
+            iterators[shard_id] = response.get("NextShardIterator")
+            records += [self._lambda_record(r) for r in response.get("Records", [])]
+        return records
+
+    def _lambda_record(self, record: dict[str, Any]) -> dict[str, Any]:
+        out = _jsonable(dict(record))
+        out["eventSourceARN"] = self.stream_arn
+        out.setdefault("eventSource", "aws:dynamodb")
+        out.setdefault("awsRegion", "us-east-1")
+        return out
+
+    def _deliver(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Invoke until the batch succeeds; returns records still to deliver (the rest of a split)."""
+        attempts = 0
+        records = batch[: self.batch_size]
+        rest = batch[self.batch_size :]
+        while records and not self._stop_event.is_set():
+            try:
+                response = invoke(self.handler, {"Records": records}, self.function_name)
+                failed = [f["itemIdentifier"] for f in response.get("batchItemFailures", [])]
+            except Exception:
+                log.exception("handler %s raised; the whole batch is retried", self.function_name)
+                failed = [records[0]["dynamodb"]["SequenceNumber"]]
+            self.invocations += 1
+            if not failed:
+                self.delivered += len(records)
+                return rest
+            self.failures += 1
+            first = min(
+                i for i, r in enumerate(records) if r["dynamodb"]["SequenceNumber"] in set(failed)
+            )
+            self.delivered += first
+            records = records[first:]
+            attempts += 1
+            if attempts > self.max_retries:
+                self.dead_letters.append(records[0])
+                log.error("record %s sent to the dead-letter list", records[0].get("eventID"))
+                records, attempts = records[1:], 0
+            else:
+                time.sleep(min(2.0, 0.1 * 2**attempts))
+        return rest
+
+
+class QueuePoller(Poller):
+    """SQS queue -> handler; failed messages stay on the queue and come back after visibility."""
+
+    def __init__(self, sqs: Any, queue_url: str, handler: Handler, function_name: str, *, batch_size: int = 10):
+        super().__init__(f"queue-poller-{function_name}")
+        self.sqs, self.queue_url, self.handler = sqs, queue_url, handler
+        self.function_name, self.batch_size = function_name, batch_size
+        self.queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])[
+            "Attributes"
+        ]["QueueArn"]
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                messages = self.sqs.receive_message(
+                    QueueUrl=self.queue_url,
+                    MaxNumberOfMessages=self.batch_size,
+                    WaitTimeSeconds=1,
+                    AttributeNames=["All"],
+                ).get("Messages", [])
+                if messages:
+                    self._deliver(messages)
+            except Exception:
+                log.exception("queue poller error; retrying")
+                self._stop_event.wait(0.5)
+
+    def _deliver(self, messages: list[dict[str, Any]]) -> None:
+        records = [
+            {
+                "messageId": m["MessageId"],
+                "receiptHandle": m["ReceiptHandle"],
+                "body": m["Body"],
+                "attributes": m.get("Attributes", {}),
+                "messageAttributes": {},
+                "md5OfBody": m.get("MD5OfBody", ""),
+                "eventSource": "aws:sqs",
+                "eventSourceARN": self.queue_arn,
+                "awsRegion": "us-east-1",
+            }
+            for m in messages
+        ]
+        try:
+            response = invoke(self.handler, {"Records": records}, self.function_name)
+            failed = {f["itemIdentifier"] for f in response.get("batchItemFailures", [])}
+        except Exception:
+            log.exception("handler %s raised; every message is retried", self.function_name)
+            failed = {r["messageId"] for r in records}
+        self.invocations += 1
+        self.failures += bool(failed)
+        for record in records:
+            if record["messageId"] not in failed:
+                self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=record["receiptHandle"])
+
+
+def dump_dead_letters(pollers: list[Poller]) -> str:
+    return json.dumps([r for p in pollers for r in p.dead_letters], default=str)

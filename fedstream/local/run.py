@@ -1,0 +1,379 @@
+"""``fedstream local``: the whole system on one machine.
+
+A moto server is the AWS; the state machine is the stack's own definition; the Lambda handlers run
+in-process behind event-source pollers; N client processes run the real client code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from fedstream import keys
+from fedstream.local.embedded import EmbeddedAWS, Resources, create_resources
+from fedstream.local.pollers import Poller, QueuePoller, StreamPoller
+from fedstream.registry import default_registry
+from fedstream.settings import HandlerSettings
+from fedstream.weights import decode, encode, sha256_hex
+
+log = logging.getLogger("fedstream.local")
+NO_TARGET = 2.0  # an accuracy no model reaches: "no target" for the state machine's Choice
+
+
+@dataclass
+class LocalRunConfig:
+    mode: str = "sync"
+    aggregator: str = "fedavg"
+    params: dict[str, Any] = field(default_factory=dict)
+    clients: int = 3
+    rounds: int = 3
+    dataset: str = "mnist-5k"
+    partition: str = "iid"
+    min_clients: int | None = None
+    round_timeout: int = 300
+    stragglers: int = 0
+    straggler_factor: float = 1.0
+    target_accuracy: float | None = None
+    seed: int = 0
+    out: Path = Path("runs/local")
+    trainer: str = "keras"
+    epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float | None = None
+    progress: bool = True
+    client_timeout: float = 600.0
+
+
+@dataclass
+class RoundRow:
+    round: int
+    version: int
+    duration_seconds: float | None
+    clients: int
+    at_deadline: bool
+    train_loss: float | None
+    eval_accuracy_clients: float | None
+    test_loss: float | None
+    test_accuracy: float | None
+    epsilon: float | None
+    elapsed_seconds: float
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    status: str
+    error: str | None
+    rounds: list[RoundRow]
+    final_version: int
+    wall_seconds: float
+    rejected: dict[str, int]
+    client_exit_codes: dict[str, int | None]
+    out: Path
+
+    @property
+    def accuracies(self) -> list[float]:
+        return [r.test_accuracy for r in self.rounds if r.test_accuracy is not None]
+
+
+class _Evaluator:
+    """Central evaluation of each global version on the held-out test set (a simulation luxury)."""
+
+    def __init__(self, config: LocalRunConfig) -> None:
+        from client.data import ClientData, load_dataset
+        from client.trainer import KerasTrainer, NumpyTrainer, default_model_for
+
+        ds = load_dataset(config.dataset)
+        data = ClientData(ds.x_test[:1], ds.y_test[:1], ds.x_test, ds.y_test, num_classes=ds.num_classes)
+        if config.trainer == "numpy":
+            self.trainer: Any = NumpyTrainer(data, seed=config.seed)
+        elif config.trainer == "keras":
+            self.trainer = KerasTrainer(default_model_for(config.dataset), data, seed=config.seed)
+        else:
+            self.trainer = None
+
+    def initial_weights(self) -> dict[str, Any]:
+        return self.trainer.initial_weights()
+
+    def evaluate(self, weights: dict[str, Any]) -> dict[str, float]:
+        return self.trainer.evaluate(weights) if self.trainer else {}
+
+
+@contextlib.contextmanager
+def _log_stream(path: Path) -> Iterator[IO[str]]:
+    """Route stdout (Powertools JSON logs and EMF metrics) to a file; keep the real one for the view."""
+    real = sys.stdout
+    with path.open("a", buffering=1) as stream:
+        sys.stdout = stream
+        try:
+            yield real
+        finally:
+            sys.stdout = real
+
+
+def run_local(config: LocalRunConfig) -> RunSummary:
+    from fedstream.local.progress import Progress
+
+    registry = default_registry()
+    registry.create(config.aggregator, config.params, seed=config.seed, mode=config.mode)  # fail fast
+    out = config.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "clients").mkdir(exist_ok=True)
+    for stale in ("logs.jsonl",):
+        (out / stale).unlink(missing_ok=True)
+    for noisy in ("moto", "werkzeug", "botocore", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    run_id = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    client_ids = [f"site-{i + 1}" for i in range(config.clients)]
+    min_clients = config.min_clients or config.clients
+
+    with EmbeddedAWS() as aws, _log_stream(out / "logs.jsonl") as console_stream:
+        resources = create_resources(aws, "fedstream", client_ids, config.mode)
+        settings = HandlerSettings(
+            mode=config.mode,
+            bucket=resources.bucket,
+            run_table=resources.run_table,
+            updates_table=resources.updates_table,
+            topic_arn=resources.topic_arn,
+            aggregator=config.aggregator,
+            aggregator_params=config.params,
+            client_ids=tuple(client_ids),
+            min_clients=min_clients,
+            seed=config.seed,
+        )
+        os.environ.update(settings.to_env())
+        evaluator = _Evaluator(config)
+        initial = evaluator.initial_weights()
+        data = encode(initial, {"run_id": run_id, "version": "0", "creator": "fedstream local"})
+        key0 = keys.global_key(run_id, 0)
+        aws.client("s3").put_object(Bucket=resources.bucket, Key=key0, Body=data)
+
+        pollers = _start_pollers(aws, resources)
+        clients = _start_clients(aws, resources, config, client_ids, out)
+        aggregator = registry.create(config.aggregator, config.params, seed=config.seed)
+        execution = aws.client("stepfunctions").start_execution(
+            stateMachineArn=resources.state_machine_arn,
+            name=run_id,
+            input=json.dumps(
+                {
+                    "run_id": run_id,
+                    "rounds": config.rounds,
+                    "min_clients": min_clients,
+                    "round_timeout": config.round_timeout,
+                    "target_accuracy": config.target_accuracy if config.target_accuracy else NO_TARGET,
+                    "version": 0,
+                    "object_key": key0,
+                    "sha256": sha256_hex(data),
+                    "client_settings": aggregator.client_settings(None),
+                }
+            ),
+        )["executionArn"]
+        progress = Progress(console_stream, config, client_ids, enabled=config.progress)
+        started = time.monotonic()
+        try:
+            status, error, rows = _watch(aws, resources, settings, execution, run_id, evaluator, progress, started)
+        finally:
+            for poller in pollers:
+                poller.stop()
+            codes = _stop_clients(clients, config.client_timeout if status == "SUCCEEDED" else 5)
+            progress.close()
+        wall = time.monotonic() - started
+        final_version = rows[-1].version if rows else 0
+        final = aws.client("s3").get_object(Bucket=resources.bucket, Key=keys.global_key(run_id, final_version))
+        (out / "final_model.safetensors").write_bytes(final["Body"].read())
+    summary = RunSummary(
+        run_id=run_id,
+        status=status,
+        error=error,
+        rounds=rows,
+        final_version=final_version,
+        wall_seconds=wall,
+        rejected=_rejections(out / "logs.jsonl"),
+        client_exit_codes=codes,
+        out=out,
+    )
+    _write_outputs(summary, config)
+    progress.summary(summary)
+    return summary
+
+
+def _start_pollers(aws: EmbeddedAWS, resources: Resources) -> list[Poller]:
+    from handlers import aggregate, finalize
+
+    pollers: list[Poller] = [
+        StreamPoller(aws.client("dynamodbstreams"), resources.stream_arn, aggregate.lambda_handler, "aggregate")
+    ]
+    if resources.finalize_queue_url:
+        pollers.append(
+            QueuePoller(aws.client("sqs"), resources.finalize_queue_url, finalize.lambda_handler, "finalize")
+        )
+    for poller in pollers:
+        poller.start()
+    return pollers
+
+
+def _start_clients(
+    aws: EmbeddedAWS, resources: Resources, config: LocalRunConfig, client_ids: list[str], out: Path
+) -> dict[str, subprocess.Popen[bytes]]:
+    processes = {}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+    for index, client_id in enumerate(client_ids):
+        command = [
+            sys.executable, "-m", "fedstream.cli", "client",
+            "--client-id", client_id,
+            "--queue-url", resources.queue_urls[client_id],
+            "--bucket", resources.bucket,
+            "--updates-table", resources.updates_table,
+            "--region", "us-east-1",
+            "--endpoint-url", aws.endpoint,
+            "--trainer", config.trainer,
+            "--dataset", config.dataset,
+            "--partition", config.partition,
+            "--num-clients", str(config.clients),
+            "--client-index", str(index),
+            "--seed", str(config.seed),
+            "--epochs", str(config.epochs),
+            "--batch-size", str(config.batch_size),
+            "--max-idle", str(max(config.round_timeout * 2, 120)),
+        ]
+        if config.learning_rate is not None:
+            command += ["--learning-rate", str(config.learning_rate)]
+        if index >= config.clients - config.stragglers:
+            command += ["--slowdown", str(config.straggler_factor)]
+        log_file = (out / "clients" / f"{client_id}.log").open("wb")
+        processes[client_id] = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    return processes
+
+
+def _stop_clients(processes: dict[str, subprocess.Popen[bytes]], timeout: float) -> dict[str, int | None]:
+    deadline = time.monotonic() + timeout
+    for process in processes.values():
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+    for process in processes.values():
+        if process.poll() is None:
+            process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=10)
+            if process.poll() is None:
+                process.kill()
+    return {client_id: process.returncode for client_id, process in processes.items()}
+
+
+def _watch(
+    aws: EmbeddedAWS,
+    resources: Resources,
+    settings: HandlerSettings,
+    execution_arn: str,
+    run_id: str,
+    evaluator: _Evaluator,
+    progress: Any,
+    started: float,
+) -> tuple[str, str | None, list[RoundRow]]:
+    from fedstream.server.store import Store
+
+    sfn = aws.client("stepfunctions")
+    store = Store(settings, aws.session())
+    rows: list[RoundRow] = []
+    status = "RUNNING"
+    while True:
+        description = sfn.describe_execution(executionArn=execution_arn)
+        status = description["status"]
+        round_number = len(rows) + 1
+        item = store.round_item(run_id, round_number)
+        if item and item.get("status") == "closed":
+            rows.append(_round_row(store, run_id, item, evaluator, time.monotonic() - started))
+            progress.round_closed(rows[-1])
+            continue
+        progress.update(item, status)
+        if status != "RUNNING":
+            break
+        time.sleep(0.3)
+    error = None
+    if status != "SUCCEEDED":
+        failed = store.round_item(run_id, len(rows) + 1) or {}
+        error = failed.get("failure") or description.get("error") or status
+    return status, error, rows
+
+
+def _round_row(store: Any, run_id: str, item: dict[str, Any], evaluator: _Evaluator, elapsed: float) -> RoundRow:
+    result = json.loads(item["result"])
+    weights, _ = decode(store.get_bytes(result["object_key"]))
+    test = evaluator.evaluate(weights)
+    metrics = result["metrics"]
+    duration = None
+    if item.get("opened_at") and item.get("closed_at"):
+        from datetime import datetime
+
+        duration = (
+            datetime.fromisoformat(item["closed_at"]) - datetime.fromisoformat(item["opened_at"])
+        ).total_seconds()
+    return RoundRow(
+        round=int(item["round"]),
+        version=int(result["version"]),
+        duration_seconds=duration,
+        clients=len(result["clients"]),
+        at_deadline=bool(result.get("at_deadline")),
+        train_loss=metrics.get("train_loss"),
+        eval_accuracy_clients=metrics.get("eval_accuracy"),
+        test_loss=test.get("eval_loss"),
+        test_accuracy=test.get("eval_accuracy"),
+        epsilon=metrics.get("epsilon"),
+        elapsed_seconds=elapsed,
+    )
+
+
+def _rejections(log_path: Path) -> dict[str, int]:
+    """UpdatesRejected counts by reason, read back from the EMF lines in the log stream."""
+    counts: dict[str, int] = {}
+    if not log_path.exists():
+        return counts
+    for line in log_path.read_text().splitlines():
+        if '"UpdatesRejected"' not in line:
+            continue
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if "_aws" in entry and "reason" in entry:
+                counts[entry["reason"]] = counts.get(entry["reason"], 0) + int(entry["UpdatesRejected"])
+    return counts
+
+
+def _write_outputs(summary: RunSummary, config: LocalRunConfig) -> None:
+    out = summary.out
+    rows = [asdict(r) for r in summary.rounds]
+    config_json = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+    (out / "metrics.json").write_text(
+        json.dumps(
+            {
+                "run_id": summary.run_id,
+                "status": summary.status,
+                "error": summary.error,
+                "wall_seconds": summary.wall_seconds,
+                "final_version": summary.final_version,
+                "rejected": summary.rejected,
+                "client_exit_codes": summary.client_exit_codes,
+                "config": config_json,
+                "rounds": rows,
+            },
+            indent=2,
+        )
+    )
+    with (out / "metrics.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(RoundRow.__dataclass_fields__))
+        writer.writeheader()
+        writer.writerows(rows)
+    if rows:
+        from fedstream.local.plot import plot_rounds
+
+        plot_rounds(summary.rounds, out / "accuracy.png", title=f"{config.aggregator} · {config.dataset}")

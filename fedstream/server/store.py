@@ -1,0 +1,210 @@
+"""The data-access layer: S3, DynamoDB, Step Functions and SNS behind one small class.
+
+Nothing above this module touches boto3. Clients are created once per process (a warm Lambda
+reuses them) and the global models are cached by (run, version): versions are write-once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from fedstream import keys
+from fedstream.settings import HandlerSettings
+from fedstream.weights import ModelSpec, Weights, WireFormatError, decode, sha256_hex
+
+_BOTO_CONFIG = Config(retries={"mode": "standard", "max_attempts": 5}, max_pool_connections=32)
+
+
+class ConditionFailed(Exception):
+    """A DynamoDB condition or an S3 precondition did not hold."""
+
+
+class MissingObject(Exception):
+    pass
+
+
+def is_code(exc: BaseException, *codes: str) -> bool:
+    return isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in codes
+
+
+def plain(value: Any) -> Any:
+    """DynamoDB's Decimals and sets as plain Python values."""
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    if isinstance(value, set):
+        return sorted(plain(v) for v in value)
+    return value
+
+
+@dataclass(frozen=True)
+class GlobalModel:
+    version: int
+    key: str
+    sha256: str
+    weights: Weights
+    metadata: dict[str, str]
+
+    @property
+    def spec(self) -> ModelSpec:
+        return ModelSpec.of(self.weights)
+
+
+class Store:
+    def __init__(self, settings: HandlerSettings, session: boto3.Session | None = None) -> None:
+        self.settings = settings
+        session = session or boto3.Session()
+        endpoint = os.environ.get("FEDSTREAM_ENDPOINT_URL") or None
+        self.s3 = session.client("s3", config=_BOTO_CONFIG, endpoint_url=endpoint)
+        self.dynamodb = session.resource("dynamodb", config=_BOTO_CONFIG, endpoint_url=endpoint)
+        self.sfn = session.client("stepfunctions", config=_BOTO_CONFIG, endpoint_url=endpoint)
+        self.sns = session.client("sns", config=_BOTO_CONFIG, endpoint_url=endpoint)
+        self.runs = self.dynamodb.Table(settings.run_table)
+        self.updates = self.dynamodb.Table(settings.updates_table)
+        self._models: OrderedDict[tuple[str, int], GlobalModel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # ---- S3 -------------------------------------------------------------------------------
+    def get_bytes(self, key: str) -> bytes:
+        limit = self.settings.max_model_bytes
+        try:
+            response = self.s3.get_object(Bucket=self.settings.bucket, Key=key)
+        except ClientError as exc:
+            if is_code(exc, "NoSuchKey", "404", "NotFound"):
+                raise MissingObject(f"s3://{self.settings.bucket}/{key} does not exist") from exc
+            raise
+        if response.get("ContentLength", 0) > limit:
+            response["Body"].close()
+            raise WireFormatError("too_large", f"object {key} has {response['ContentLength']} bytes > {limit}")
+        return response["Body"].read()
+
+    def put_once(self, key: str, data: bytes) -> bool:
+        """Write-once put; False when the key already exists (nothing is overwritten)."""
+        try:
+            self.s3.put_object(Bucket=self.settings.bucket, Key=key, Body=data, IfNoneMatch="*")
+        except ClientError as exc:
+            if is_code(exc, "PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
+        return True
+
+    def put(self, key: str, data: bytes) -> None:
+        self.s3.put_object(Bucket=self.settings.bucket, Key=key, Body=data)
+
+    def global_model(self, run_id: str, version: int, key: str | None = None) -> GlobalModel:
+        cache_key = (run_id, version)
+        with self._lock:
+            if cache_key in self._models:
+                self._models.move_to_end(cache_key)
+                return self._models[cache_key]
+        key = key or keys.global_key(run_id, version)
+        data = self.get_bytes(key)
+        weights, metadata = decode(data, max_bytes=self.settings.max_model_bytes)
+        model = GlobalModel(version, key, sha256_hex(data), weights, metadata)
+        with self._lock:
+            self._models[cache_key] = model
+            while len(self._models) > 4:
+                self._models.popitem(last=False)
+        return model
+
+    # ---- DynamoDB ---------------------------------------------------------------------------
+    def run_state(self, run_id: str) -> dict[str, Any] | None:
+        item = self.runs.get_item(Key={"run_id": run_id, "sk": "state"}, ConsistentRead=True).get("Item")
+        return plain(item) if item else None
+
+    def round_item(self, run_id: str, round_number: int) -> dict[str, Any] | None:
+        item = self.runs.get_item(
+            Key={"run_id": run_id, "sk": f"round#{round_number}"}, ConsistentRead=True
+        ).get("Item")
+        return plain(item) if item else None
+
+    def update_item(self, client_id: str, update_id: str) -> dict[str, Any] | None:
+        item = self.updates.get_item(
+            Key={"client_id": client_id, "update_id": update_id}, ConsistentRead=True
+        ).get("Item")
+        return plain(item) if item else None
+
+    def conditional_update(
+        self,
+        key: Mapping[str, str],
+        update: str,
+        condition: str,
+        values: Mapping[str, Any],
+        names: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "Key": dict(key),
+            "UpdateExpression": update,
+            "ConditionExpression": condition,
+            "ExpressionAttributeValues": _to_dynamo(values),
+            "ReturnValues": "ALL_NEW",
+        }
+        if names:
+            kwargs["ExpressionAttributeNames"] = dict(names)
+        try:
+            return plain(self.runs.update_item(**kwargs)["Attributes"])
+        except ClientError as exc:
+            if is_code(exc, "ConditionalCheckFailedException"):
+                raise ConditionFailed(condition) from exc
+            raise
+
+    # ---- callbacks and notifications --------------------------------------------------------
+    def send_task_success(self, token: str, output: Mapping[str, Any]) -> bool:
+        """False when the token is no longer waiting (timed out, or already answered)."""
+        try:
+            self.sfn.send_task_success(taskToken=token, output=json.dumps(output))
+        except ClientError as exc:
+            if is_code(exc, "TaskTimedOut", "InvalidToken", "TaskDoesNotExist"):
+                return False
+            raise
+        return True
+
+    def send_task_failure(self, token: str, error: str, cause: str) -> bool:
+        try:
+            self.sfn.send_task_failure(taskToken=token, error=error, cause=cause[:32000])
+        except ClientError as exc:
+            if is_code(exc, "TaskTimedOut", "InvalidToken", "TaskDoesNotExist"):
+                return False
+            raise
+        return True
+
+    def publish(self, message: Mapping[str, Any]) -> None:
+        self.sns.publish(TopicArn=self.settings.topic_arn, Message=json.dumps(message))
+
+
+def _to_dynamo(values: Mapping[str, Any]) -> dict[str, Any]:
+    def convert(value: Any) -> Any:
+        if isinstance(value, float):
+            return Decimal(repr(value))
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [convert(v) for v in value]
+        return value
+
+    return {k: convert(v) for k, v in values.items()}
+
+
+_stores: dict[str, Store] = {}
+
+
+def store_for(settings: HandlerSettings) -> Store:
+    """One Store per settings per process, so a warm Lambda reuses clients and caches."""
+    key = settings.model_dump_json()
+    if key not in _stores:
+        _stores[key] = Store(settings)
+    return _stores[key]

@@ -1,0 +1,498 @@
+"""Synchronous rounds: validate and register client reports, close a round exactly once.
+
+A round item (``run_id``, ``sk='round#N'``) is created by the state machine with status ``open``.
+Reports are added with a conditional set-add (idempotent per client). Closing is a conditional
+transition ``open -> aggregating`` (or a stale claim taken over after a lease), so two concurrent
+invocations cannot both aggregate; the result is stored on the round item before the callback,
+so whoever answers a task token (aggregate handler or finalize handler) sends the same result.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import pydantic
+
+from fedstream import keys
+from fedstream.aggregation import AggregationError, ClientUpdate, PrivacyBudgetExhausted, RoundContext
+from fedstream.registry import AggregatorRegistry
+from fedstream.schemas import UpdateRecord
+from fedstream.server.store import ConditionFailed, MissingObject, Store
+from fedstream.settings import HandlerSettings
+from fedstream.weights import WireFormatError, decode, encode, sha256_hex
+
+CLAIM_LEASE_SECONDS = 900
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Rejected(Exception):
+    """An update that will never be accepted; logged with ``reason`` and counted, never retried."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class Registered:
+    record: UpdateRecord
+    reported_count: int
+    required: int
+
+
+@dataclass
+class RoundClosed:
+    run_id: str
+    round: int
+    version: int
+    object_key: str
+    sha256: str
+    metrics: dict[str, float]
+    clients: list[str]
+    model_bytes: int
+    aggregation_seconds: float
+    duration_seconds: float | None
+    at_deadline: bool
+    callback_delivered: bool
+    client_settings: dict[str, Any] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def parse_record(image: Mapping[str, Any]) -> UpdateRecord:
+    try:
+        return UpdateRecord.model_validate(dict(image))
+    except pydantic.ValidationError as exc:
+        fields = ", ".join(".".join(str(p) for p in e["loc"]) or "record" for e in exc.errors())
+        raise Rejected("malformed_record", f"update record is invalid ({fields})") from None
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _round_key(run_id: str, round_number: int) -> dict[str, str]:
+    return {"run_id": run_id, "sk": f"round#{round_number}"}
+
+
+def check_identity(record: UpdateRecord, settings: HandlerSettings) -> None:
+    if problem := record.consistent():
+        raise Rejected("malformed_record", problem)
+    if settings.client_ids and record.client_id not in settings.client_ids:
+        raise Rejected("unknown_client", f"client {record.client_id!r} is not registered with this deployment")
+    owner = keys.update_key_owner(record.object_key)
+    if owner != (record.run_id, record.client_id):
+        raise Rejected(
+            "foreign_object_key",
+            f"object key {record.object_key!r} is not under runs/{record.run_id}/updates/{record.client_id}/",
+        )
+
+
+def load_update(store: Store, record: UpdateRecord, spec_source_version: int) -> tuple[Any, int]:
+    """Download, verify sha256 and decode an update against the global model's spec."""
+    model = store.global_model(record.run_id, spec_source_version)
+    try:
+        data = store.get_bytes(record.object_key)
+    except MissingObject as exc:
+        raise Rejected("missing_object", str(exc)) from None
+    try:
+        weights, _ = decode(
+            data, model.spec, max_bytes=store.settings.max_model_bytes, expected_sha256=record.sha256
+        )
+    except WireFormatError as exc:
+        raise Rejected(exc.reason, str(exc)) from None
+    return weights, len(data)
+
+
+def register_report(store: Store, settings: HandlerSettings, record: UpdateRecord) -> Registered:
+    """Validate one sync update record and add its client to the round's reports (idempotent)."""
+    check_identity(record, settings)
+    if store.run_state(record.run_id) is None:
+        raise Rejected("unknown_run", f"run {record.run_id!r} does not exist")
+    if record.round is None:
+        raise Rejected("malformed_record", "a sync update record must name its round")
+    round_item = store.round_item(record.run_id, record.round)
+    if round_item is None:
+        raise Rejected("unknown_round", f"round {record.round} of run {record.run_id!r} was never opened")
+    if round_item["status"] != "open":
+        raise Rejected("round_closed", f"round {record.round} is already {round_item['status']}")
+    if record.base_version != round_item["version"]:
+        raise Rejected(
+            "wrong_base_version",
+            f"round {record.round} trains version {round_item['version']}, the update is from "
+            f"version {record.base_version}",
+        )
+    if record.client_id in round_item.get("reported", []):
+        raise Rejected("duplicate", f"client {record.client_id!r} already reported for round {record.round}")
+    load_update(store, record, record.base_version)
+
+    values: dict[str, Any] = {":cid": {record.client_id}, ":one": 1, ":open": "open", ":c": record.client_id}
+    token_clause = ""
+    token_condition = ""
+    if record.task_token:
+        values[":tok"] = record.task_token
+        token_clause = ", task_token = if_not_exists(task_token, :tok)"
+        token_condition = " AND (attribute_not_exists(task_token) OR task_token = :tok)"
+    try:
+        item = store.conditional_update(
+            _round_key(record.run_id, record.round),
+            f"ADD reported :cid, reported_count :one SET last_report_at = :at{token_clause}",
+            f"#status = :open AND NOT contains(reported, :c){token_condition}",
+            {**values, ":at": _now().isoformat()},
+            {"#status": "status"},
+        )
+    except ConditionFailed:
+        raise _why_not_registered(store, record) from None
+    required = len(settings.client_ids) or int(item.get("min_clients", settings.min_clients))
+    return Registered(record, int(item["reported_count"]), required)
+
+
+def _why_not_registered(store: Store, record: UpdateRecord) -> Rejected:
+    assert record.round is not None
+    item = store.round_item(record.run_id, record.round) or {}
+    if record.client_id in item.get("reported", []):
+        return Rejected("duplicate", f"client {record.client_id!r} already reported for round {record.round}")
+    if item.get("status") != "open":
+        return Rejected("round_closed", f"round {record.round} closed while the update was checked")
+    return Rejected("task_token_mismatch", "the record's task token is not the round's token")
+
+
+def handle_sync_record(
+    store: Store, settings: HandlerSettings, registry: AggregatorRegistry, image: Mapping[str, Any]
+) -> tuple[Registered, RoundClosed | None]:
+    """One stream record: register the report, and close the round if it is now complete.
+
+    A redelivered record is rejected as a duplicate, but still re-tries the close, so a crash
+    between registering and aggregating never leaves a complete round open.
+    """
+    record = parse_record(image)
+    try:
+        registered = register_report(store, settings, record)
+    except Rejected as rejected:
+        if rejected.reason == "duplicate" and record.round is not None:
+            _close_if_complete(store, settings, registry, record.run_id, record.round)
+        raise
+    closed = None
+    if registered.reported_count >= registered.required:
+        closed = _close_if_complete(store, settings, registry, record.run_id, record.round or 0)
+    return registered, closed
+
+
+def _close_if_complete(
+    store: Store, settings: HandlerSettings, registry: AggregatorRegistry, run_id: str, round_number: int
+) -> RoundClosed | None:
+    item = store.round_item(run_id, round_number)
+    if item is None:
+        return None
+    required = len(settings.client_ids) or int(item.get("min_clients", settings.min_clients))
+    return close_round(store, settings, registry, run_id, round_number, min_reports=required)
+
+
+def prefetch(items: Iterable[T], fetch: Callable[[T], R], window: int) -> Iterator[tuple[T, R | BaseException]]:
+    """Yield ``(item, fetch(item))`` in order while up to ``window`` fetches run ahead in threads.
+
+    Memory stays bounded by the window, not by the number of items.
+    """
+    pending: list[tuple[T, Future[R]]] = []
+    with ThreadPoolExecutor(max_workers=window) as pool:
+        iterator = iter(items)
+        for item in iterator:
+            pending.append((item, pool.submit(fetch, item)))
+            if len(pending) >= window:
+                break
+        while pending:
+            item, future = pending.pop(0)
+            try:
+                result: R | BaseException = future.result()
+            except Exception as exc:
+                result = exc
+            next_item = next(iterator, None)
+            if next_item is not None:
+                pending.append((next_item, pool.submit(fetch, next_item)))
+            yield item, result
+
+
+def claim_round(store: Store, run_id: str, round_number: int, min_reports: int) -> str | None:
+    """Take the right to aggregate a round; None if it is not ready or someone else holds it."""
+    now = time.time()
+    claim_id = uuid.uuid4().hex
+    try:
+        store.conditional_update(
+            _round_key(run_id, round_number),
+            "SET #status = :agg, claim_id = :claim, claimed_at = :now",
+            "(#status = :open AND reported_count >= :min) OR (#status = :agg AND claimed_at < :stale)",
+            {
+                ":agg": "aggregating",
+                ":open": "open",
+                ":claim": claim_id,
+                ":now": now,
+                ":min": min_reports,
+                ":stale": now - CLAIM_LEASE_SECONDS,
+            },
+            {"#status": "status"},
+        )
+    except ConditionFailed:
+        return None
+    return claim_id
+
+
+def close_round(
+    store: Store,
+    settings: HandlerSettings,
+    registry: AggregatorRegistry,
+    run_id: str,
+    round_number: int,
+    *,
+    min_reports: int,
+    callback_token: str | None = None,
+    at_deadline: bool = False,
+) -> RoundClosed | None:
+    """Aggregate a complete round exactly once, publish the new version and call back.
+
+    Returns None when the round is not ready or another invocation is closing it.
+    """
+    if claim_round(store, run_id, round_number, min_reports) is None:
+        return None
+    round_item = store.round_item(run_id, round_number)
+    state = store.run_state(run_id)
+    assert round_item is not None and state is not None
+    base_version = int(round_item["version"])
+    token = callback_token or round_item.get("task_token")
+    try:
+        closed = _aggregate_and_publish(store, settings, registry, state, round_item, at_deadline)
+    except PrivacyBudgetExhausted as exc:
+        _fail_round(store, run_id, round_number, token, "PrivacyBudgetExhausted", str(exc))
+        raise Rejected(exc.reason, str(exc)) from None
+    except AggregationError as exc:
+        _fail_round(store, run_id, round_number, token, "AggregationFailed", str(exc))
+        raise Rejected(exc.reason, str(exc)) from None
+    assert closed.version == base_version + 1
+    closed.callback_delivered = bool(token) and store.send_task_success(str(token), round_output(closed))
+    return closed
+
+
+def round_output(closed: RoundClosed) -> dict[str, Any]:
+    """What the state machine receives on callback (see ``NextRound`` in the definition)."""
+    return {
+        "version": closed.version,
+        "object_key": closed.object_key,
+        "sha256": closed.sha256,
+        "round": closed.round,
+        "metrics": closed.metrics,
+        "clients": closed.clients,
+        "stop": bool(closed.metrics.get("stop", 0.0)),
+        "client_settings": closed.client_settings,
+        "at_deadline": closed.at_deadline,
+    }
+
+
+def _fail_round(store: Store, run_id: str, round_number: int, token: str | None, error: str, cause: str) -> None:
+    store.conditional_update(
+        _round_key(run_id, round_number),
+        "SET #status = :failed, failure = :why",
+        "attribute_exists(run_id)",
+        {":failed": "failed", ":why": f"{error}: {cause}"},
+        {"#status": "status"},
+    )
+    if token:
+        store.send_task_failure(str(token), error, cause)
+
+
+def _aggregate_and_publish(
+    store: Store,
+    settings: HandlerSettings,
+    registry: AggregatorRegistry,
+    state: Mapping[str, Any],
+    round_item: Mapping[str, Any],
+    at_deadline: bool,
+) -> RoundClosed:
+    run_id = str(round_item["run_id"])
+    round_number = int(round_item["round"])
+    base_version = int(round_item["version"])
+    new_version = base_version + 1
+    started = time.perf_counter()
+    base = store.global_model(run_id, base_version)
+    seed = None if settings.seed is None else settings.seed * 1_000_003 + round_number
+    aggregator = registry.create(settings.aggregator, settings.aggregator_params, seed=seed, mode="sync")
+    carry = json.loads(state.get("carry") or "{}")
+    aggregator.begin(base.weights, RoundContext(round=round_number, carry=carry))
+
+    clients = sorted(round_item.get("reported", []))
+    update_id = f"{run_id}#{base_version:010d}"
+
+    def fetch(client_id: str) -> tuple[UpdateRecord, Any, int]:
+        item = store.update_item(client_id, update_id)
+        if item is None:
+            raise Rejected("missing_record", f"no update record for {client_id} at version {base_version}")
+        record = UpdateRecord.model_validate(item)
+        weights, size = load_update(store, record, base_version)
+        return record, weights, size
+
+    accepted: list[str] = []
+    skipped: dict[str, str] = {}
+    model_bytes = 0
+    for client_id, fetched in prefetch(clients, fetch, settings.download_threads):
+        if isinstance(fetched, Rejected):
+            skipped[client_id] = fetched.reason
+            continue
+        if isinstance(fetched, BaseException):
+            raise fetched
+        record, weights, size = fetched
+        aggregator.accept(
+            ClientUpdate(client_id, weights, record.num_examples, record.metrics.as_dict(), base_version)
+        )
+        accepted.append(client_id)
+        model_bytes = size
+    if not accepted:
+        raise AggregationError("no_updates", f"round {round_number}: no update could be read ({skipped})")
+    result = aggregator.finish()
+    metrics = {k: float(v) for k, v in result.metrics.items()}
+    if result.stop:
+        metrics["stop"] = 1.0
+
+    key = keys.global_key(run_id, new_version)
+    data = encode(
+        result.weights,
+        {
+            "run_id": run_id,
+            "version": str(new_version),
+            "parent_version": str(base_version),
+            "round": str(round_number),
+            "aggregator": settings.aggregator,
+            "creator": "fedstream.aggregate",
+            "created_at": _now().isoformat(),
+            "clients": json.dumps(accepted),
+            "metrics": json.dumps(metrics),
+        },
+    )
+    if not store.put_once(key, data):
+        # A previous attempt wrote this version and died before the flip: its object stands.
+        existing = store.get_bytes(key)
+        _, meta = decode(existing, max_bytes=settings.max_model_bytes)
+        data, metrics, accepted = existing, json.loads(meta["metrics"]), json.loads(meta["clients"])
+    digest = sha256_hex(data)
+    aggregation_seconds = time.perf_counter() - started
+
+    next_settings = aggregator.client_settings(result.carry)
+    try:
+        store.conditional_update(
+            {"run_id": run_id, "sk": "state"},
+            "SET version = :new, global_key = :key, global_sha256 = :sha, #round = :round, carry = :carry, "
+            "client_settings_next = :cs, last_metrics = :metrics",
+            "version = :expected",
+            {
+                ":new": new_version,
+                ":key": key,
+                ":sha": digest,
+                ":round": round_number,
+                ":carry": json.dumps(result.carry),
+                ":cs": json.dumps(next_settings),
+                ":metrics": json.dumps(metrics),
+                ":expected": base_version,
+            },
+            {"#round": "round"},
+        )
+    except ConditionFailed:
+        current = store.run_state(run_id) or {}
+        if current.get("version") != new_version or current.get("global_key") != key:
+            raise
+    opened = round_item.get("opened_at")
+    duration = None
+    if opened:
+        duration = (_now() - datetime.fromisoformat(str(opened).replace("Z", "+00:00"))).total_seconds()
+    closed = RoundClosed(
+        run_id=run_id,
+        round=round_number,
+        version=new_version,
+        object_key=key,
+        sha256=digest,
+        metrics=metrics,
+        clients=accepted,
+        model_bytes=model_bytes or len(data),
+        aggregation_seconds=aggregation_seconds,
+        duration_seconds=duration,
+        at_deadline=at_deadline,
+        callback_delivered=False,
+        client_settings=next_settings,
+        skipped=skipped,
+    )
+    store.conditional_update(
+        _round_key(run_id, round_number),
+        "SET #status = :closed, #result = :result, closed_at = :at",
+        "#status = :agg",
+        {
+            ":closed": "closed",
+            ":result": json.dumps(round_output(closed)),
+            ":at": _now().isoformat(),
+            ":agg": "aggregating",
+        },
+        {"#status": "status", "#result": "result"},
+    )
+    return closed
+
+
+@dataclass
+class Finalized:
+    outcome: str  # "closed", "already_closed", "quorum_not_reached", "failed"
+    closed: RoundClosed | None = None
+    message: str = ""
+
+
+class RoundBusy(Exception):
+    """Another invocation is aggregating the round; the finalize request is retried later."""
+
+
+def finalize_round(
+    store: Store,
+    settings: HandlerSettings,
+    registry: AggregatorRegistry,
+    run_id: str,
+    round_number: int,
+    token: str,
+) -> Finalized:
+    """The deadline path: close with the quorum there is, or fail the round with a clear error."""
+    item = store.round_item(run_id, round_number)
+    if item is None:
+        store.send_task_failure(token, "UnknownRound", f"round {round_number} of run {run_id} does not exist")
+        return Finalized("failed", message="unknown round")
+    status = item["status"]
+    if status == "closed":
+        store.send_task_success(token, json.loads(item["result"]))
+        return Finalized("already_closed")
+    if status == "failed":
+        store.send_task_failure(token, "RoundFailed", str(item.get("failure", "round failed")))
+        return Finalized("failed", message=str(item.get("failure", "")))
+    reported = int(item.get("reported_count", 0))
+    min_clients = int(item.get("min_clients", settings.min_clients))
+    if status == "open" and reported >= min_clients:
+        closed = close_round(
+            store, settings, registry, run_id, round_number,
+            min_reports=min_clients, callback_token=token, at_deadline=True,
+        )
+        if closed is not None:
+            return Finalized("closed", closed)
+    if status == "open" and reported < min_clients:
+        message = (
+            f"round {round_number} reached its deadline with {reported} of the {min_clients} "
+            f"reports required (min_clients={min_clients})"
+        )
+        try:
+            store.conditional_update(
+                _round_key(run_id, round_number),
+                "SET #status = :failed, failure = :why",
+                "#status = :open AND reported_count < :min",
+                {":failed": "failed", ":why": message, ":open": "open", ":min": min_clients},
+                {"#status": "status"},
+            )
+        except ConditionFailed:
+            raise RoundBusy(f"round {round_number} changed while finalizing; retrying") from None
+        store.send_task_failure(token, "QuorumNotReached", message)
+        return Finalized("quorum_not_reached", message=message)
+    raise RoundBusy(f"round {round_number} is {status}; the finalize request will be retried")

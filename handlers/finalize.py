@@ -1,0 +1,49 @@
+"""Sync mode, finalize queue: a round's deadline passed; close it with a quorum or fail it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pydantic
+from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
+from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from fedstream.registry import default_registry
+from fedstream.schemas import FinalizeRequest
+from fedstream.server import sync
+from fedstream.server.store import store_for
+from fedstream.settings import HandlerSettings
+from handlers.aggregate import emit_round_closed
+from handlers.observability import logger, metrics, tracer
+
+processor = BatchProcessor(event_type=EventType.SQS)
+
+
+@tracer.capture_method
+def record_handler(record: SQSRecord) -> None:
+    try:
+        request = FinalizeRequest.model_validate_json(record.body)
+    except pydantic.ValidationError as exc:
+        logger.error("finalize request rejected: not a valid request", extra={"errors": exc.error_count()})
+        return
+    logger.append_keys(run_id=request.run_id, round=request.round, version=request.version)
+    settings = HandlerSettings.from_env()
+    result = sync.finalize_round(
+        store_for(settings), settings, default_registry(), request.run_id, request.round, request.task_token
+    )
+    if result.closed is not None:
+        emit_round_closed(result.closed)
+    elif result.outcome == "quorum_not_reached":
+        logger.error("round failed at its deadline", extra={"reason": "quorum_not_reached", "detail": result.message})
+    else:
+        logger.info("finalize request answered", extra={"outcome": result.outcome})
+
+
+@logger.inject_lambda_context(clear_state=True)
+@tracer.capture_lambda_handler
+@metrics.log_metrics
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    return process_partial_response(
+        event=event, record_handler=record_handler, processor=processor, context=context
+    )
