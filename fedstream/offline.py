@@ -52,11 +52,19 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     aggregate.add_argument("-o", "--output", required=True, type=Path, help="where to write the new model")
     aggregate.add_argument("--seed", type=int, help="seed for aggregators that draw noise (default: random)")
     aggregate.add_argument("--round", type=int, default=1, help="sync: the round number, from 1 (default 1)")
-    aggregate.add_argument("--carry", action="append", metavar="KEY=VALUE", help="sync: value carried from "
-                           "the previous round, e.g. clip_norm=1.2")
+    aggregate.add_argument(
+        "--carry",
+        action="append",
+        metavar="KEY=VALUE",
+        help="sync: value carried from the previous round, e.g. clip_norm=1.2",
+    )
     aggregate.add_argument("--version", type=int, help="version of --global (default: its metadata, else 0)")
-    aggregate.add_argument("--base", action="append", metavar="VERSION=PATH", help="async: weights of an "
-                           "older global version that updates were trained from")
+    aggregate.add_argument(
+        "--base",
+        action="append",
+        metavar="VERSION=PATH",
+        help="async: weights of an older global version that updates were trained from",
+    )
     aggregate.add_argument("--mode", choices=("sync", "async"), help="for aggregators that run in both modes")
     aggregate.set_defaults(func=_user_errors(aggregate_files))
 
@@ -167,7 +175,10 @@ def aggregate_files(args: argparse.Namespace) -> int:
 
 
 def _aggregate_round(
-    registry: AggregatorRegistry, args: argparse.Namespace, params: dict[str, str], global_weights: Weights,
+    registry: AggregatorRegistry,
+    args: argparse.Namespace,
+    params: dict[str, str],
+    global_weights: Weights,
     version: int,
 ) -> dict[str, Any]:
     aggregator = registry.create(args.aggregator, params, seed=args.seed, mode="sync")
@@ -194,7 +205,10 @@ def _aggregate_round(
 
 
 def _apply_in_order(
-    registry: AggregatorRegistry, args: argparse.Namespace, params: dict[str, str], global_weights: Weights,
+    registry: AggregatorRegistry,
+    args: argparse.Namespace,
+    params: dict[str, str],
+    global_weights: Weights,
     version: int,
 ) -> dict[str, Any]:
     if args.carry:
@@ -217,27 +231,32 @@ def _apply_in_order(
         if base_version not in bases and base_version in base_paths:
             bases[base_version], _ = load_file(base_paths[base_version], spec)
         weights, _ = load_file(path, spec)
-        update = ClientUpdate(path.stem, weights, num_examples, base_version=base_version,
-                              base_weights=bases.get(base_version))
+        update = ClientUpdate(
+            path.stem, weights, num_examples, base_version=base_version, base_weights=bases.get(base_version)
+        )
         try:
             result = aggregator.apply_async(current, update, staleness=staleness, state=state)
         except AggregationError as exc:
             if exc.reason == "missing_base_weights":
-                raise CliError(f"{path} was trained from version {base_version}: pass --base "
-                               f"{base_version}=PATH with that version's weights") from None
+                raise CliError(
+                    f"{path} was trained from version {base_version}: pass --base "
+                    f"{base_version}=PATH with that version's weights"
+                ) from None
             raise
         state = result.state
         if result.weights is not None:
             current, current_version = result.weights, current_version + 1
-        applied.append({
-            "update": str(path),
-            "staleness": staleness,
-            "new_version": current_version if result.weights is not None else None,
-            "metrics": result.metrics,
-        })
+        applied.append(
+            {
+                "update": str(path),
+                "staleness": staleness,
+                "new_version": current_version if result.weights is not None else None,
+                "metrics": result.metrics,
+            }
+        )
     pending = int(state.values.get("count", 0)) if state is not None else 0
     if current_version == version:
-        raise CliError(f"no new version: {args.aggregator} buffered all {pending} updates without a step")
+        raise CliError(f"no new version: {args.aggregator} only buffered the updates ({pending} pending)")
     sha256 = _write(args, current, current_version, version)
     return {
         "aggregator": args.aggregator,
@@ -348,4 +367,3 @@ def privacy_command(args: argparse.Namespace) -> int:
     else:
         print(text)
     return 0
-

@@ -44,13 +44,23 @@ def emit_round_closed(closed: sync.RoundClosed) -> None:
     )
 
 
+def _as_int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
 @tracer.capture_method
 def record_handler(record: DynamoDBRecord) -> None:
     if record.event_name != DynamoDBRecordEventName.INSERT or record.dynamodb is None:
         return
     image: dict[str, Any] = record.dynamodb.new_image
     logger.append_keys(
-        run_id=image.get("run_id"), client_id=image.get("client_id"), round=image.get("round"),
+        run_id=image.get("run_id"),
+        client_id=image.get("client_id"),
+        round=_as_int(image.get("round")),
+        version=_as_int(image.get("base_version")),
     )
     settings = HandlerSettings.from_env()
     try:

@@ -44,6 +44,8 @@ class EmbeddedAWS:
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.port = 0
         self.endpoint = ""
+        self._session: boto3.Session | None = None
+        self._clients: dict[str, Any] = {}
 
     def __enter__(self) -> EmbeddedAWS:
         self.start()
@@ -70,12 +72,17 @@ class EmbeddedAWS:
         self._server.stop()
 
     def session(self) -> boto3.Session:
-        return boto3.Session(
-            aws_access_key_id="testing", aws_secret_access_key="testing", region_name=REGION
-        )
+        """One session for the process: it loads each service model once."""
+        if self._session is None:
+            self._session = boto3.Session(
+                aws_access_key_id="testing", aws_secret_access_key="testing", region_name=REGION
+            )
+        return self._session
 
     def client(self, service: str) -> Any:
-        return self.session().client(service, endpoint_url=self.endpoint)
+        if service not in self._clients:
+            self._clients[service] = self.session().client(service, endpoint_url=self.endpoint)
+        return self._clients[service]
 
 
 @dataclass(frozen=True)

@@ -336,17 +336,9 @@ def _round_row(store: Any, run_id: str, item: dict[str, Any], evaluator: _Evalua
 
 def _rejections(log_path: Path) -> dict[str, int]:
     """UpdatesRejected counts by reason, read back from the EMF lines in the log stream."""
-    counts: dict[str, int] = {}
-    if not log_path.exists():
-        return counts
-    for line in log_path.read_text().splitlines():
-        if '"UpdatesRejected"' not in line:
-            continue
-        with contextlib.suppress(ValueError):
-            entry = json.loads(line)
-            if "_aws" in entry and "reason" in entry:
-                counts[entry["reason"]] = counts.get(entry["reason"], 0) + int(entry["UpdatesRejected"])
-    return counts
+    from fedstream.local.logs import metric_counts
+
+    return metric_counts(log_path.read_text(), "UpdatesRejected", "reason") if log_path.exists() else {}
 
 
 def _write_outputs(summary: RunSummary, config: LocalRunConfig) -> None:

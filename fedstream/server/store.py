@@ -67,7 +67,7 @@ class GlobalModel:
 class Store:
     def __init__(self, settings: HandlerSettings, session: boto3.Session | None = None) -> None:
         self.settings = settings
-        session = session or boto3.Session()
+        session = session or _shared_session()
         endpoint = os.environ.get("FEDSTREAM_ENDPOINT_URL") or None
         self.s3 = session.client("s3", config=_BOTO_CONFIG, endpoint_url=endpoint)
         self.dynamodb = session.resource("dynamodb", config=_BOTO_CONFIG, endpoint_url=endpoint)
@@ -199,12 +199,22 @@ def _to_dynamo(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: convert(v) for k, v in values.items()}
 
 
+_session: boto3.Session | None = None
+
+
+def _shared_session() -> boto3.Session:
+    global _session
+    if _session is None:
+        _session = boto3.Session()
+    return _session
+
+
 _stores: dict[str, Store] = {}
 
 
 def store_for(settings: HandlerSettings) -> Store:
     """One Store per settings per process, so a warm Lambda reuses clients and caches."""
-    key = settings.model_dump_json()
+    key = settings.model_dump_json() + os.environ.get("FEDSTREAM_ENDPOINT_URL", "")
     if key not in _stores:
         _stores[key] = Store(settings)
     return _stores[key]
