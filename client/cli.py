@@ -15,10 +15,10 @@ from fedstream.settings import ClientSettings
 
 
 class SlowTrainer:
-    """Wraps a trainer so each fit takes ``factor`` times as long (to simulate a straggler site)."""
+    """Wraps a trainer so each fit takes ``factor`` times as long plus ``delay`` seconds (a straggler)."""
 
-    def __init__(self, inner: Any, factor: float) -> None:
-        self.inner, self.factor = inner, factor
+    def __init__(self, inner: Any, factor: float, delay: float = 0.0) -> None:
+        self.inner, self.factor, self.delay = inner, factor, delay
 
     def initial_weights(self) -> Any:
         return self.inner.initial_weights()
@@ -29,7 +29,7 @@ class SlowTrainer:
     def fit(self, weights: Any, settings: Mapping[str, Any]) -> Any:
         started = time.monotonic()
         result = self.inner.fit(weights, settings)
-        time.sleep((self.factor - 1.0) * (time.monotonic() - started))
+        time.sleep(max(0.0, (self.factor - 1.0) * (time.monotonic() - started)) + self.delay)
         return result
 
 
@@ -57,6 +57,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--slowdown", type=float, default=1.0, help="train this many times slower")
+    parser.add_argument("--delay", type=float, default=0.0, help="extra seconds after each local fit")
     parser.add_argument("--max-idle", type=float, help="exit 3 after this many seconds without a message")
     parser.add_argument("--events", action="store_true", help="print one JSON line per step on stdout")
     parser.set_defaults(func=run_client)
@@ -96,8 +97,8 @@ def run_client(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
     )
-    if args.slowdown > 1.0:
-        trainer = SlowTrainer(trainer, args.slowdown)
+    if args.slowdown > 1.0 or args.delay > 0:
+        trainer = SlowTrainer(trainer, args.slowdown, args.delay)
 
     def on_event(event: str, fields: dict[str, Any]) -> None:
         if args.events:

@@ -77,6 +77,9 @@ class FederatedClient:
         signal.signal(signal.SIGINT, handler)
 
     def run(self, max_idle_seconds: float | None = None) -> int:
+        if self._spec is None:
+            self._spec = ModelSpec.of(self.trainer.initial_weights())
+        self.on_event("ready", {})
         idle_since = time.monotonic()
         while not self.stop.is_set():
             messages = self.sqs.receive_message(
@@ -161,7 +164,7 @@ class FederatedClient:
             object_key=key,
             sha256=sha256_hex(data),
             num_examples=result.num_examples,
-            metrics=TrainingMetrics(**{k: v for k, v in result.metrics.items() if k in TrainingMetrics.model_fields}),
+            metrics=TrainingMetrics(**result.metrics),
             task_token=body.task_token,
         )
         self._put_record(record)

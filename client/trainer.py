@@ -196,17 +196,16 @@ class KerasTrainer:
         mu = float(settings.get("proximal_mu", 0.0) or 0.0)
         epochs = int(settings.get("local_epochs", self.epochs))
         step = self._build_train_step(float(settings.get("learning_rate", self.learning_rate)))
-        trainable = {id(v) for v in self.model.trainable_variables}
+        name_of = {id(v): name for name, v in zip(self.names, self.model.weights, strict=True)}
         anchors = [
-            tf.constant(weights[name], dtype=v.dtype)
-            for name, v in zip(self.names, self.model.weights, strict=True)
-            if id(v) in trainable
+            tf.constant(weights[name_of[id(v)]], dtype=v.dtype) for v in self.model.trainable_variables
         ]
         mu_tensor = tf.constant(mu, dtype=tf.float32)
         rng = np.random.default_rng([self.seed, self._fits])
         self._fits += 1
         x, y = self.data.x_train, self.data.y_train
         started = time.perf_counter()
+        loss_sum, correct = 0.0, 0
         for _ in range(epochs):
             loss_sum, correct = 0.0, 0
             order = rng.permutation(len(y))
@@ -357,6 +356,7 @@ class NumpyTrainer:
         rng = np.random.default_rng([self.seed, self._fits])
         self._fits += 1
         started = time.perf_counter()
+        loss_sum, correct = 0.0, 0
         for _ in range(epochs):
             loss_sum, correct = 0.0, 0
             order = rng.permutation(len(y))

@@ -13,4 +13,4 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 @hookspec
 def register_aggregators(register: Callable[..., None]) -> None:
-    """Register aggregators by calling ``register(name, factory, params=Model, modes=..., description=...)``."""
+    """Register aggregators: ``register(name, factory, params=Model, modes=..., description=...)``."""

@@ -1,9 +1,9 @@
 """The S3 key layout, in one place.
 
-    runs/{run_id}/global/{version:06d}.safetensors            write-once global versions
-    runs/{run_id}/updates/{client_id}/{version:06d}-{nonce}.safetensors
-                                                           a client writes only its own prefix
-    runs/{run_id}/state/{name}.safetensors                 aggregator state (FedBuff's buffer)
+runs/{run_id}/global/{version:06d}.safetensors            write-once global versions
+runs/{run_id}/updates/{client_id}/{version:06d}-{nonce}.safetensors
+                                                       a client writes only its own prefix
+runs/{run_id}/state/{name}.safetensors                 aggregator state (FedBuff's buffer)
 """
 
 from __future__ import annotations

@@ -22,12 +22,14 @@ from typing import Any
 import pluggy
 import pydantic
 
+from fedstream import hookspecs
 from fedstream.aggregation import AggregationError, AsyncState, ClientUpdate, RoundContext, Scalar
 from fedstream.cli import CliError, parse_params
 from fedstream.registry import AggregatorInfo, AggregatorRegistry, build_registry
 from fedstream.weights import ModelSpec, Weights, load_file, save_file
 
 CREATOR = "fedstream aggregate"
+SPEC_MARK = f"{hookspecs.PROJECT}_spec"
 Command = Callable[[argparse.Namespace], int]
 
 
@@ -94,7 +96,8 @@ def _user_errors(command: Command) -> Command:
             )
             raise CliError(f"invalid input: {problems}") from None
         except pluggy.PluginValidationError as exc:
-            raise CliError(f"plugin {exc.plugin!r} is invalid: {_one_line(exc)}") from None
+            hooks = ", ".join(name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), SPEC_MARK))
+            raise CliError(f"invalid plugin: {_one_line(exc)} (fedstream hooks: {hooks})") from None
         except (CliError, AggregationError):
             raise
         except ValueError as exc:
@@ -181,6 +184,10 @@ def _aggregate_round(
     global_weights: Weights,
     version: int,
 ) -> dict[str, Any]:
+    if args.base:
+        raise CliError("--base applies to async aggregators only")
+    if args.round < 1:
+        raise CliError(f"--round counts from 1, got {args.round}")
     aggregator = registry.create(args.aggregator, params, seed=args.seed, mode="sync")
     spec = ModelSpec.of(global_weights)
     aggregator.begin(global_weights, RoundContext(round=args.round, carry=_parse_carry(args.carry)))
@@ -246,6 +253,7 @@ def _apply_in_order(
         state = result.state
         if result.weights is not None:
             current, current_version = result.weights, current_version + 1
+            bases[current_version] = current  # later updates may have been trained from it
         applied.append(
             {
                 "update": str(path),

@@ -25,7 +25,13 @@ import pydantic
 from fedstream import hookspecs
 from fedstream.aggregation import Aggregator
 
-BUILTIN_MODULES = ("plugins.fedavg", "plugins.fedprox", "plugins.dp_noise", "plugins.fedasync", "plugins.fedbuff")
+BUILTIN_MODULES = (
+    "plugins.fedavg",
+    "plugins.fedprox",
+    "plugins.dp_noise",
+    "plugins.fedasync",
+    "plugins.fedbuff",
+)
 AUTOLOAD_ENV = "FEDSTREAM_DISABLE_PLUGIN_AUTOLOAD"
 PLUGIN_PATH_ENV = "FEDSTREAM_PLUGIN_PATH"
 MODES = frozenset({"sync", "async"})
@@ -91,7 +97,9 @@ class AggregatorRegistry:
             )
         bad_modes = set(info.modes) - MODES
         if not info.modes or bad_modes:
-            raise PluginError(f"aggregator {info.name!r} from {info.source} has invalid modes {sorted(info.modes)}")
+            raise PluginError(
+                f"aggregator {info.name!r} from {info.source} has invalid modes {sorted(info.modes)}"
+            )
         self._infos[info.name] = info
 
     def __contains__(self, name: str) -> bool:

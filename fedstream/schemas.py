@@ -81,7 +81,7 @@ class UpdateRecord(_Strict):
 
 
 class ModelReady(_Strict):
-    """"global model ready": sent to every client queue when a version is published."""
+    """ "global model ready": sent to every client queue when a version is published."""
 
     type: Literal["model_ready"] = "model_ready"
     run_id: Identifier

@@ -170,7 +170,9 @@ def _tensor_order(metadata: dict[str, str], arrays: Mapping[str, np.ndarray]) ->
     return [str(n) for n in order]
 
 
-def save_file(path: str | Path, weights: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> str:
+def save_file(
+    path: str | Path, weights: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> str:
     """Write a model file; returns its sha256."""
     data = encode(weights, metadata)
     Path(path).write_bytes(data)

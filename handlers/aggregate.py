@@ -26,7 +26,9 @@ def emit_round_closed(closed: sync.RoundClosed) -> None:
     metrics.add_metric(name="AggregationSeconds", unit=MetricUnit.Seconds, value=closed.aggregation_seconds)
     metrics.add_metric(name="ModelBytes", unit=MetricUnit.Bytes, value=closed.model_bytes)
     if closed.duration_seconds is not None:
-        metrics.add_metric(name="RoundDurationSeconds", unit=MetricUnit.Seconds, value=closed.duration_seconds)
+        metrics.add_metric(
+            name="RoundDurationSeconds", unit=MetricUnit.Seconds, value=closed.duration_seconds
+        )
     if "epsilon" in closed.metrics:
         metrics.add_metric(name="Epsilon", unit=MetricUnit.Count, value=closed.metrics["epsilon"])
     for client_id, reason in closed.skipped.items():

@@ -35,7 +35,9 @@ def record_handler(record: SQSRecord) -> None:
     if result.closed is not None:
         emit_round_closed(result.closed)
     elif result.outcome == "quorum_not_reached":
-        logger.error("round failed at its deadline", extra={"reason": "quorum_not_reached", "detail": result.message})
+        logger.error(
+            "round failed at its deadline", extra={"reason": "quorum_not_reached", "detail": result.message}
+        )
     else:
         logger.info("finalize request answered", extra={"outcome": result.outcome})
 

@@ -38,9 +38,7 @@ metrics = Metrics(namespace=NAMESPACE, service="fedstream")
 
 def count_rejection(reason: str, **context: object) -> None:
     """One rejected update: a structured warning and an ``UpdatesRejected{reason}`` metric."""
-    with single_metric(
-        name="UpdatesRejected", unit=MetricUnit.Count, value=1, namespace=NAMESPACE
-    ) as metric:
+    with single_metric(name="UpdatesRejected", unit=MetricUnit.Count, value=1, namespace=NAMESPACE) as metric:
         metric.add_dimension(name="reason", value=reason)
     logger.warning("update rejected", extra={"reason": reason, **context})
 

@@ -12,7 +12,14 @@ from __future__ import annotations
 import pydantic
 
 from fedstream import hookimpl
-from fedstream.aggregation import Aggregator, ClientUpdate, MetricsMean, RoundContext, RoundResult, WeightedSum
+from fedstream.aggregation import (
+    Aggregator,
+    ClientUpdate,
+    MetricsMean,
+    RoundContext,
+    RoundResult,
+    WeightedSum,
+)
 from fedstream.weights import Weights
 
 

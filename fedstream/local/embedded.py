@@ -56,16 +56,16 @@ class EmbeddedAWS:
 
     def start(self) -> None:
         self._server.start()
-        host, port = self._server.get_host_and_port()
+        _, port = self._server.get_host_and_port()
         self.port = int(port)
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        request = urllib.request.Request(
+        request = urllib.request.Request(  # noqa: S310 - http on loopback only
             f"{self.endpoint}/moto-api/config",
             data=json.dumps({"stepfunctions": {"execute_state_machine": True}}).encode(),
             headers={"Content-Type": "application/json"},
             method="POST",
         )
-        urllib.request.urlopen(request, timeout=10).read()  # noqa: S310 - loopback only
+        urllib.request.urlopen(request, timeout=10).read()  # noqa: S310 - http on loopback only
         os.environ.update(aws_environment(self.endpoint, self.port))
 
     def stop(self) -> None:
@@ -75,7 +75,9 @@ class EmbeddedAWS:
         """One session for the process: it loads each service model once."""
         if self._session is None:
             self._session = boto3.Session(
-                aws_access_key_id="testing", aws_secret_access_key="testing", region_name=REGION
+                aws_access_key_id="testing",
+                aws_secret_access_key="testing",  # noqa: S106 - the embedded AWS takes any key
+                region_name=REGION,
             )
         return self._session
 
@@ -118,7 +120,10 @@ def create_resources(aws: EmbeddedAWS, prefix: str, client_ids: list[str], mode:
     run_table, updates_table = f"{prefix}-runs", f"{prefix}-updates"
     ddb.create_table(
         TableName=run_table,
-        KeySchema=[{"AttributeName": "run_id", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
+        KeySchema=[
+            {"AttributeName": "run_id", "KeyType": "HASH"},
+            {"AttributeName": "sk", "KeyType": "RANGE"},
+        ],
         AttributeDefinitions=[
             {"AttributeName": "run_id", "AttributeType": "S"},
             {"AttributeName": "sk", "AttributeType": "S"},
@@ -141,7 +146,9 @@ def create_resources(aws: EmbeddedAWS, prefix: str, client_ids: list[str], mode:
     stream_arn = table["TableDescription"]["LatestStreamArn"]
     topic_arn = sns.create_topic(Name=f"{prefix}-model-ready")["TopicArn"]
     dlq_url = sqs.create_queue(QueueName=f"{prefix}-dlq")["QueueUrl"]
-    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
     redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"})
     queue_urls = {}
     for client_id in client_ids:

@@ -16,7 +16,9 @@ def plot_rounds(rows: Sequence[Any], path: Path, title: str = "") -> None:
     rounds = [r.round for r in rows]
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(9, 3.6))
     acc_ax.plot(rounds, [r.test_accuracy for r in rows], marker="o", label="global model, test set")
-    acc_ax.plot(rounds, [r.eval_accuracy_clients for r in rows], marker="s", ls="--", label="clients, local eval")
+    acc_ax.plot(
+        rounds, [r.eval_accuracy_clients for r in rows], marker="s", ls="--", label="clients, local eval"
+    )
     acc_ax.set(xlabel="round", ylabel="accuracy", title="accuracy")
     acc_ax.legend()
     loss_ax.plot(rounds, [r.test_loss for r in rows], marker="o", label="global model, test set")

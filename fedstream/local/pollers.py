@@ -143,9 +143,7 @@ class StreamPoller(Poller):
                 self.delivered += len(records)
                 return rest
             self.failures += 1
-            first = min(
-                i for i, r in enumerate(records) if r["dynamodb"]["SequenceNumber"] in set(failed)
-            )
+            first = min(i for i, r in enumerate(records) if r["dynamodb"]["SequenceNumber"] in set(failed))
             self.delivered += first
             records = records[first:]
             attempts += 1
@@ -161,7 +159,9 @@ class StreamPoller(Poller):
 class QueuePoller(Poller):
     """SQS queue -> handler; failed messages stay on the queue and come back after visibility."""
 
-    def __init__(self, sqs: Any, queue_url: str, handler: Handler, function_name: str, *, batch_size: int = 10):
+    def __init__(
+        self, sqs: Any, queue_url: str, handler: Handler, function_name: str, *, batch_size: int = 10
+    ):
         super().__init__(f"queue-poller-{function_name}")
         self.sqs, self.queue_url, self.handler = sqs, queue_url, handler
         self.function_name, self.batch_size = function_name, batch_size

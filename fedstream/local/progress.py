@@ -40,14 +40,23 @@ class Progress:
             table.add_column(column, justify="right")
         for row in self.rows:
             table.add_row(
-                str(row.round), str(row.clients), _fmt(row.duration_seconds, 1), _fmt(row.train_loss),
-                _fmt(row.test_accuracy), _fmt(row.epsilon, 2), "deadline" if row.at_deadline else "",
+                str(row.round),
+                str(row.clients),
+                _fmt(row.duration_seconds, 1),
+                _fmt(row.train_loss),
+                _fmt(row.test_accuracy),
+                _fmt(row.epsilon, 2),
+                "deadline" if row.at_deadline else "",
             )
         if self.current and self.current.get("status") in ("open", "aggregating"):
             table.add_row(
                 str(self.current.get("round")),
                 f"{self.current.get('reported_count', 0)}/{len(self.config_clients())}",
-                "", "", "", "", str(self.current.get("status")),
+                "",
+                "",
+                "",
+                "",
+                str(self.current.get("status")),
             )
         return table
 
@@ -76,7 +85,9 @@ class Progress:
 
     def summary(self, summary: Any) -> None:
         style = "green" if summary.status == "SUCCEEDED" else "red"
-        self.console.print(f"[{style}]run {summary.run_id}: {summary.status}[/{style}] in {summary.wall_seconds:.1f} s")
+        self.console.print(
+            f"[{style}]run {summary.run_id}: {summary.status}[/{style}] in {summary.wall_seconds:.1f} s"
+        )
         if summary.error:
             self.console.print(f"[red]{summary.error}[/red]")
         if summary.rejected:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from fedstream import keys
+from fedstream.cli import CliError
 from fedstream.local.embedded import EmbeddedAWS, Resources, create_resources
 from fedstream.local.pollers import Poller, QueuePoller, StreamPoller
 from fedstream.registry import default_registry
@@ -44,6 +45,7 @@ class LocalRunConfig:
     round_timeout: int = 300
     stragglers: int = 0
     straggler_factor: float = 1.0
+    straggler_delay: float = 0.0
     target_accuracy: float | None = None
     seed: int = 0
     out: Path = Path("runs/local")
@@ -76,6 +78,7 @@ class RunSummary:
     status: str
     error: str | None
     rounds: list[RoundRow]
+    initial_accuracy: float | None
     final_version: int
     wall_seconds: float
     rejected: dict[str, int]
@@ -139,7 +142,7 @@ def run_local(config: LocalRunConfig) -> RunSummary:
     min_clients = config.min_clients or config.clients
 
     with EmbeddedAWS() as aws, _log_stream(out / "logs.jsonl") as console_stream:
-        resources = create_resources(aws, "fedstream", client_ids, config.mode)
+        resources = create_resources(aws, f"fedstream-{run_id[-6:]}", client_ids, config.mode)
         settings = HandlerSettings(
             mode=config.mode,
             bucket=resources.bucket,
@@ -155,12 +158,14 @@ def run_local(config: LocalRunConfig) -> RunSummary:
         os.environ.update(settings.to_env())
         evaluator = _Evaluator(config)
         initial = evaluator.initial_weights()
+        initial_accuracy = evaluator.evaluate(initial).get("eval_accuracy")
         data = encode(initial, {"run_id": run_id, "version": "0", "creator": "fedstream local"})
         key0 = keys.global_key(run_id, 0)
         aws.client("s3").put_object(Bucket=resources.bucket, Key=key0, Body=data)
 
         pollers = _start_pollers(aws, resources)
         clients = _start_clients(aws, resources, config, client_ids, out)
+        _wait_until_ready(clients, out, timeout=config.client_timeout)
         aggregator = registry.create(config.aggregator, config.params, seed=config.seed)
         execution = aws.client("stepfunctions").start_execution(
             stateMachineArn=resources.state_machine_arn,
@@ -182,7 +187,9 @@ def run_local(config: LocalRunConfig) -> RunSummary:
         progress = Progress(console_stream, config, client_ids, enabled=config.progress)
         started = time.monotonic()
         try:
-            status, error, rows = _watch(aws, resources, settings, execution, run_id, evaluator, progress, started)
+            status, error, rows = _watch(
+                aws, resources, settings, execution, run_id, evaluator, progress, started
+            )
         finally:
             for poller in pollers:
                 poller.stop()
@@ -190,13 +197,16 @@ def run_local(config: LocalRunConfig) -> RunSummary:
             progress.close()
         wall = time.monotonic() - started
         final_version = rows[-1].version if rows else 0
-        final = aws.client("s3").get_object(Bucket=resources.bucket, Key=keys.global_key(run_id, final_version))
+        final = aws.client("s3").get_object(
+            Bucket=resources.bucket, Key=keys.global_key(run_id, final_version)
+        )
         (out / "final_model.safetensors").write_bytes(final["Body"].read())
     summary = RunSummary(
         run_id=run_id,
         status=status,
         error=error,
         rounds=rows,
+        initial_accuracy=initial_accuracy,
         final_version=final_version,
         wall_seconds=wall,
         rejected=_rejections(out / "logs.jsonl"),
@@ -212,7 +222,9 @@ def _start_pollers(aws: EmbeddedAWS, resources: Resources) -> list[Poller]:
     from handlers import aggregate, finalize
 
     pollers: list[Poller] = [
-        StreamPoller(aws.client("dynamodbstreams"), resources.stream_arn, aggregate.lambda_handler, "aggregate")
+        StreamPoller(
+            aws.client("dynamodbstreams"), resources.stream_arn, aggregate.lambda_handler, "aggregate"
+        )
     ]
     if resources.finalize_queue_url:
         pollers.append(
@@ -230,30 +242,67 @@ def _start_clients(
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
     for index, client_id in enumerate(client_ids):
         command = [
-            sys.executable, "-m", "fedstream.cli", "client",
-            "--client-id", client_id,
-            "--queue-url", resources.queue_urls[client_id],
-            "--bucket", resources.bucket,
-            "--updates-table", resources.updates_table,
-            "--region", "us-east-1",
-            "--endpoint-url", aws.endpoint,
-            "--trainer", config.trainer,
-            "--dataset", config.dataset,
-            "--partition", config.partition,
-            "--num-clients", str(config.clients),
-            "--client-index", str(index),
-            "--seed", str(config.seed),
-            "--epochs", str(config.epochs),
-            "--batch-size", str(config.batch_size),
-            "--max-idle", str(max(config.round_timeout * 2, 120)),
+            sys.executable,
+            "-m",
+            "fedstream.cli",
+            "client",
+            "--client-id",
+            client_id,
+            "--queue-url",
+            resources.queue_urls[client_id],
+            "--bucket",
+            resources.bucket,
+            "--updates-table",
+            resources.updates_table,
+            "--region",
+            "us-east-1",
+            "--endpoint-url",
+            aws.endpoint,
+            "--trainer",
+            config.trainer,
+            "--dataset",
+            config.dataset,
+            "--partition",
+            config.partition,
+            "--num-clients",
+            str(config.clients),
+            "--client-index",
+            str(index),
+            "--seed",
+            str(config.seed),
+            "--epochs",
+            str(config.epochs),
+            "--batch-size",
+            str(config.batch_size),
+            "--max-idle",
+            str(max(config.round_timeout * 2, 120)),
+            "--events",
         ]
         if config.learning_rate is not None:
             command += ["--learning-rate", str(config.learning_rate)]
         if index >= config.clients - config.stragglers:
-            command += ["--slowdown", str(config.straggler_factor)]
+            command += ["--slowdown", str(config.straggler_factor), "--delay", str(config.straggler_delay)]
         log_file = (out / "clients" / f"{client_id}.log").open("wb")
         processes[client_id] = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     return processes
+
+
+def _wait_until_ready(processes: dict[str, subprocess.Popen[bytes]], out: Path, timeout: float) -> None:
+    """Rounds start once every client has loaded its data and model, so deadlines measure training."""
+    deadline = time.monotonic() + timeout
+    waiting = set(processes)
+    while waiting and time.monotonic() < deadline:
+        for client_id in list(waiting):
+            if '"event": "ready"' in (out / "clients" / f"{client_id}.log").read_text(errors="replace"):
+                waiting.discard(client_id)
+            elif processes[client_id].poll() is not None:
+                raise CliError(
+                    f"client {client_id} exited with {processes[client_id].returncode} before it was "
+                    f"ready; see {out / 'clients' / (client_id + '.log')}"
+                )
+        time.sleep(0.2)
+    if waiting:
+        raise CliError(f"clients not ready after {timeout:.0f} s: {sorted(waiting)}")
 
 
 def _stop_clients(processes: dict[str, subprocess.Popen[bytes]], timeout: float) -> dict[str, int | None]:
@@ -307,7 +356,9 @@ def _watch(
     return status, error, rows
 
 
-def _round_row(store: Any, run_id: str, item: dict[str, Any], evaluator: _Evaluator, elapsed: float) -> RoundRow:
+def _round_row(
+    store: Any, run_id: str, item: dict[str, Any], evaluator: _Evaluator, elapsed: float
+) -> RoundRow:
     result = json.loads(item["result"])
     weights, _ = decode(store.get_bytes(result["object_key"]))
     test = evaluator.evaluate(weights)
@@ -353,6 +404,7 @@ def _write_outputs(summary: RunSummary, config: LocalRunConfig) -> None:
                 "error": summary.error,
                 "wall_seconds": summary.wall_seconds,
                 "final_version": summary.final_version,
+                "initial_test_accuracy": summary.initial_accuracy,
                 "rejected": summary.rejected,
                 "client_exit_codes": summary.client_exit_codes,
                 "config": config_json,

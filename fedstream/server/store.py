@@ -89,7 +89,9 @@ class Store:
             raise
         if response.get("ContentLength", 0) > limit:
             response["Body"].close()
-            raise WireFormatError("too_large", f"object {key} has {response['ContentLength']} bytes > {limit}")
+            raise WireFormatError(
+                "too_large", f"object {key} has {response['ContentLength']} bytes > {limit}"
+            )
         return response["Body"].read()
 
     def put_once(self, key: str, data: bytes) -> bool:

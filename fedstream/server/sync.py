@@ -86,7 +86,9 @@ def check_identity(record: UpdateRecord, settings: HandlerSettings) -> None:
     if problem := record.consistent():
         raise Rejected("malformed_record", problem)
     if settings.client_ids and record.client_id not in settings.client_ids:
-        raise Rejected("unknown_client", f"client {record.client_id!r} is not registered with this deployment")
+        raise Rejected(
+            "unknown_client", f"client {record.client_id!r} is not registered with this deployment"
+        )
     owner = keys.update_key_owner(record.object_key)
     if owner != (record.run_id, record.client_id):
         raise Rejected(
@@ -134,17 +136,16 @@ def register_report(store: Store, settings: HandlerSettings, record: UpdateRecor
     load_update(store, record, record.base_version)
 
     values: dict[str, Any] = {":cid": {record.client_id}, ":one": 1, ":open": "open", ":c": record.client_id}
-    token_clause = ""
-    token_condition = ""
+    extra_update = extra_check = ""
     if record.task_token:
         values[":tok"] = record.task_token
-        token_clause = ", task_token = if_not_exists(task_token, :tok)"
-        token_condition = " AND (attribute_not_exists(task_token) OR task_token = :tok)"
+        extra_update = ", task_token = if_not_exists(task_token, :tok)"
+        extra_check = " AND (attribute_not_exists(task_token) OR task_token = :tok)"
     try:
         item = store.conditional_update(
             _round_key(record.run_id, record.round),
-            f"ADD reported :cid, reported_count :one SET last_report_at = :at{token_clause}",
-            f"#status = :open AND NOT contains(reported, :c){token_condition}",
+            f"ADD reported :cid, reported_count :one SET last_report_at = :at{extra_update}",
+            f"#status = :open AND NOT contains(reported, :c){extra_check}",
             {**values, ":at": _now().isoformat()},
             {"#status": "status"},
         )
@@ -195,7 +196,9 @@ def _close_if_complete(
     return close_round(store, settings, registry, run_id, round_number, min_reports=required)
 
 
-def prefetch(items: Iterable[T], fetch: Callable[[T], R], window: int) -> Iterator[tuple[T, R | BaseException]]:
+def prefetch(
+    items: Iterable[T], fetch: Callable[[T], R], window: int
+) -> Iterator[tuple[T, R | BaseException]]:
     """Yield ``(item, fetch(item))`` in order while up to ``window`` fetches run ahead in threads.
 
     Memory stays bounded by the window, not by the number of items.
@@ -293,7 +296,9 @@ def round_output(closed: RoundClosed) -> dict[str, Any]:
     }
 
 
-def _fail_round(store: Store, run_id: str, round_number: int, token: str | None, error: str, cause: str) -> None:
+def _fail_round(
+    store: Store, run_id: str, round_number: int, token: str | None, error: str, cause: str
+) -> None:
     store.conditional_update(
         _round_key(run_id, round_number),
         "SET #status = :failed, failure = :why",
@@ -473,8 +478,14 @@ def finalize_round(
     min_clients = int(item.get("min_clients", settings.min_clients))
     if status == "open" and reported >= min_clients:
         closed = close_round(
-            store, settings, registry, run_id, round_number,
-            min_reports=min_clients, callback_token=token, at_deadline=True,
+            store,
+            settings,
+            registry,
+            run_id,
+            round_number,
+            min_reports=min_clients,
+            callback_token=token,
+            at_deadline=True,
         )
         if closed is not None:
             return Finalized("closed", closed)

@@ -52,19 +52,35 @@ class SyncWorld:
     def put_object(self, key: str, data: bytes) -> None:
         self.aws.client("s3").put_object(Bucket=self.resources.bucket, Key=key, Body=data)
 
-    def upload(self, client_id: str, weights: dict[str, np.ndarray] | bytes, *, version: int = 0) -> tuple[str, str]:
+    def upload(
+        self, client_id: str, weights: dict[str, np.ndarray] | bytes, *, version: int = 0
+    ) -> tuple[str, str]:
         data = weights if isinstance(weights, bytes) else encode(weights)
         key = keys.update_key(self.run_id, client_id, version, uuid.uuid4().hex[:8])
         self.put_object(key, data)
         return key, sha256_hex(data)
 
-    def record(self, client_id: str, weights: Any, *, num_examples: int = 10, round: int = 1,
-               version: int = 0, **overrides: Any) -> dict[str, Any]:
+    def record(
+        self,
+        client_id: str,
+        weights: Any,
+        *,
+        num_examples: int = 10,
+        round: int = 1,
+        version: int = 0,
+        **overrides: Any,
+    ) -> dict[str, Any]:
         """Upload an update and put its record, as a client would; returns the record item."""
         key, sha = self.upload(client_id, weights, version=version)
         fields = dict(
-            client_id=client_id, run_id=self.run_id, base_version=version, round=round,
-            object_key=key, sha256=sha, num_examples=num_examples, task_token="token-round-1",
+            client_id=client_id,
+            run_id=self.run_id,
+            base_version=version,
+            round=round,
+            object_key=key,
+            sha256=sha,
+            num_examples=num_examples,
+            task_token="token-round-1",
             metrics={"train_loss": 1.0, "eval_accuracy": 0.5},
         )
         fields.update(overrides)
@@ -92,19 +108,21 @@ def stream_event(*items: dict[str, Any]) -> dict[str, Any]:
     for n, item in enumerate(items):
         typed = json.loads(json.dumps(item), parse_float=Decimal)
         image = {k: _serializer.serialize(v) for k, v in typed.items()}
-        records.append({
-            "eventID": f"e{n}-{uuid.uuid4().hex[:6]}",
-            "eventName": "INSERT",
-            "eventSource": "aws:dynamodb",
-            "awsRegion": "us-east-1",
-            "dynamodb": {
-                "Keys": {k: image[k] for k in ("client_id", "update_id") if k in image},
-                "NewImage": image,
-                "SequenceNumber": str(1000 + n),
-                "StreamViewType": "NEW_IMAGE",
-            },
-            "eventSourceARN": "arn:aws:dynamodb:us-east-1:123456789012:table/t/stream/x",
-        })
+        records.append(
+            {
+                "eventID": f"e{n}-{uuid.uuid4().hex[:6]}",
+                "eventName": "INSERT",
+                "eventSource": "aws:dynamodb",
+                "awsRegion": "us-east-1",
+                "dynamodb": {
+                    "Keys": {k: image[k] for k in ("client_id", "update_id") if k in image},
+                    "NewImage": image,
+                    "SequenceNumber": str(1000 + n),
+                    "StreamViewType": "NEW_IMAGE",
+                },
+                "eventSourceARN": "arn:aws:dynamodb:us-east-1:123456789012:table/t/stream/x",
+            }
+        )
     return {"Records": records}
 
 
@@ -125,9 +143,15 @@ def world(aws: EmbeddedAWS, monkeypatch: pytest.MonkeyPatch) -> SyncWorld:
     prefix = f"t{uuid.uuid4().hex[:8]}"
     resources = create_resources(aws, prefix, list(CLIENTS), mode="async")  # no state machine needed
     settings = HandlerSettings(
-        mode="sync", bucket=resources.bucket, run_table=resources.run_table,
-        updates_table=resources.updates_table, topic_arn=resources.topic_arn,
-        aggregator="fedavg", client_ids=CLIENTS, min_clients=2, seed=1,
+        mode="sync",
+        bucket=resources.bucket,
+        run_table=resources.run_table,
+        updates_table=resources.updates_table,
+        topic_arn=resources.topic_arn,
+        aggregator="fedavg",
+        client_ids=CLIENTS,
+        min_clients=2,
+        seed=1,
     )
     for name, value in settings.to_env().items():
         monkeypatch.setenv(name, value)
@@ -136,14 +160,30 @@ def world(aws: EmbeddedAWS, monkeypatch: pytest.MonkeyPatch) -> SyncWorld:
     data = encode(base, {"run_id": run_id, "version": "0"})
     aws.client("s3").put_object(Bucket=resources.bucket, Key=keys.global_key(run_id, 0), Body=data)
     ddb = aws.client("dynamodb")
-    ddb.put_item(TableName=resources.run_table, Item={
-        "run_id": {"S": run_id}, "sk": {"S": "state"}, "mode": {"S": "sync"}, "status": {"S": "RUNNING"},
-        "version": {"N": "0"}, "global_key": {"S": keys.global_key(run_id, 0)},
-        "global_sha256": {"S": sha256_hex(data)}, "round": {"N": "0"},
-    })
-    ddb.put_item(TableName=resources.run_table, Item={
-        "run_id": {"S": run_id}, "sk": {"S": "round#1"}, "round": {"N": "1"}, "version": {"N": "0"},
-        "status": {"S": "open"}, "reported_count": {"N": "0"}, "min_clients": {"N": "2"},
-        "opened_at": {"S": "2026-01-01T00:00:00+00:00"},
-    })
+    ddb.put_item(
+        TableName=resources.run_table,
+        Item={
+            "run_id": {"S": run_id},
+            "sk": {"S": "state"},
+            "mode": {"S": "sync"},
+            "status": {"S": "RUNNING"},
+            "version": {"N": "0"},
+            "global_key": {"S": keys.global_key(run_id, 0)},
+            "global_sha256": {"S": sha256_hex(data)},
+            "round": {"N": "0"},
+        },
+    )
+    ddb.put_item(
+        TableName=resources.run_table,
+        Item={
+            "run_id": {"S": run_id},
+            "sk": {"S": "round#1"},
+            "round": {"N": "1"},
+            "version": {"N": "0"},
+            "status": {"S": "open"},
+            "reported_count": {"N": "0"},
+            "min_clients": {"N": "2"},
+            "opened_at": {"S": "2026-01-01T00:00:00+00:00"},
+        },
+    )
     return SyncWorld(aws, resources, settings, run_id, base)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from typing import Any
 
@@ -14,7 +13,7 @@ from fedstream.local.logs import metric_counts
 from fedstream.registry import default_registry
 from fedstream.server import sync
 from fedstream.server.store import Store
-from fedstream.weights import decode, encode
+from fedstream.weights import decode
 from handlers import aggregate
 from tests.handlers.conftest import FakeContext, SyncWorld, stream_event
 
@@ -28,7 +27,9 @@ def scaled(world: SyncWorld, factor: float) -> dict[str, np.ndarray]:
 
 
 def global_version(world: SyncWorld, version: int) -> dict[str, np.ndarray]:
-    body = world.aws.client("s3").get_object(Bucket=world.resources.bucket, Key=keys.global_key(world.run_id, version))
+    body = world.aws.client("s3").get_object(
+        Bucket=world.resources.bucket, Key=keys.global_key(world.run_id, version)
+    )
     weights, _ = decode(body["Body"].read())
     return weights
 
@@ -46,7 +47,9 @@ def expected_mean(world: SyncWorld) -> dict[str, np.ndarray]:
     return {name: array + shift for name, array in world.base.items()}
 
 
-def test_a_complete_round_is_aggregated_into_version_1(world: SyncWorld, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_complete_round_is_aggregated_into_version_1(
+    world: SyncWorld, capsys: pytest.CaptureFixture[str]
+) -> None:
     # GIVEN three clients' updates for round 1  WHEN their records arrive in one batch
     response = aggregate.lambda_handler(stream_event(*good_items(world)), FakeContext())
 
@@ -78,7 +81,9 @@ def test_a_redelivered_batch_changes_nothing(world: SyncWorld, capsys: pytest.Ca
     assert emf_rejections(capsys.readouterr().out) == {"round_closed": 3}
 
 
-def test_a_duplicate_within_the_round_is_counted_once(world: SyncWorld, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_duplicate_within_the_round_is_counted_once(
+    world: SyncWorld, capsys: pytest.CaptureFixture[str]
+) -> None:
     first = world.record("site-1", scaled(world, 1.0))
     aggregate.lambda_handler(stream_event(first, first), FakeContext())
     assert world.round_item()["reported_count"] == 1
@@ -97,7 +102,9 @@ def _bad_cases(world: SyncWorld) -> dict[str, dict[str, Any]]:
     return {
         "tensor_shape": world.record("site-1", wrong_shape),
         "non_finite": world.record("site-1", _nan_bytes(nan)),
-        "foreign_object_key": world.record("site-1", scaled(world, 1.0), object_key=other_key, sha256=other_sha),
+        "foreign_object_key": world.record(
+            "site-1", scaled(world, 1.0), object_key=other_key, sha256=other_sha
+        ),
         "missing_object": missing,
         "malformed_record": malformed,
         "unknown_client": world.record("site-9", scaled(world, 1.0)),
@@ -115,8 +122,16 @@ def _nan_bytes(weights: dict[str, np.ndarray]) -> bytes:
 
 @pytest.mark.parametrize(
     "reason",
-    ["tensor_shape", "non_finite", "foreign_object_key", "missing_object", "malformed_record",
-     "unknown_client", "sha256_mismatch", "not_safetensors"],
+    [
+        "tensor_shape",
+        "non_finite",
+        "foreign_object_key",
+        "missing_object",
+        "malformed_record",
+        "unknown_client",
+        "sha256_mismatch",
+        "not_safetensors",
+    ],
 )
 def test_a_bad_update_is_rejected_with_its_reason_and_the_round_completes(
     world: SyncWorld, capsys: pytest.CaptureFixture[str], reason: str
@@ -138,7 +153,9 @@ def test_a_bad_update_is_rejected_with_its_reason_and_the_round_completes(
         np.testing.assert_allclose(global_version(world, 1)[name], array, rtol=1e-6)
 
 
-def test_an_update_for_a_closed_round_is_rejected(world: SyncWorld, capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_update_for_a_closed_round_is_rejected(
+    world: SyncWorld, capsys: pytest.CaptureFixture[str]
+) -> None:
     aggregate.lambda_handler(stream_event(*good_items(world)), FakeContext())
     capsys.readouterr()
     late = world.record("site-1", scaled(world, 5.0), num_examples=1)
@@ -157,7 +174,9 @@ def test_two_concurrent_invocations_aggregate_a_complete_round_once(world: SyncW
 
     def close() -> None:
         own_store = Store(world.settings, world.aws.session())
-        results.append(sync.close_round(own_store, world.settings, default_registry(), world.run_id, 1, min_reports=3))
+        results.append(
+            sync.close_round(own_store, world.settings, default_registry(), world.run_id, 1, min_reports=3)
+        )
 
     # WHEN two invocations try to close it at the same time
     threads = [threading.Thread(target=close) for _ in range(2)]
@@ -170,5 +189,7 @@ def test_two_concurrent_invocations_aggregate_a_complete_round_once(world: SyncW
     closed = [r for r in results if r is not None]
     assert len(closed) == 1 and closed[0].version == 1
     assert world.run_state()["version"] == 1
-    listed = world.aws.client("s3").list_objects_v2(Bucket=world.resources.bucket, Prefix=f"runs/{world.run_id}/global/")
+    listed = world.aws.client("s3").list_objects_v2(
+        Bucket=world.resources.bucket, Prefix=f"runs/{world.run_id}/global/"
+    )
     assert sorted(o["Key"] for o in listed["Contents"]) == [keys.global_key(world.run_id, v) for v in (0, 1)]

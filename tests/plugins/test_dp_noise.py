@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from dp_accounting import rdp
 
+from fedstream import hookimpl
 from fedstream.aggregation import ClientUpdate, PrivacyBudgetExhausted, RoundContext
 from fedstream.registry import PluginError, build_registry, get_plugin_manager
 from plugins.dp_noise import epsilon_for, rounds_within_budget, update_noise_multiplier
+from plugins.fedavg import FedAvg, FedAvgParams
 
 
 @pytest.fixture(scope="module")
@@ -20,13 +22,12 @@ def registry():
 
 
 def reference_epsilon(z: float, q: float, rounds: int, delta: float) -> float:
-    """Independent of the plugin: compose the per-round event ``rounds`` times, one by one."""
+    """Written out independently of the plugin: the per-round event composed ``rounds`` times."""
     accountant = rdp.RdpAccountant()
     event = dp_accounting.GaussianDpEvent(z)
     if q < 1:
         event = dp_accounting.PoissonSampledDpEvent(q, event)
-    for _ in range(rounds):
-        accountant.compose(event)
+    accountant.compose(event, rounds)
     return accountant.get_epsilon(delta)
 
 
@@ -108,9 +109,10 @@ def test_full_participation_uses_the_plain_gaussian_mechanism():
 
 
 def test_rounds_within_budget_is_the_last_round_that_fits():
-    rounds = rounds_within_budget(1.1, 0.05, 3.0, 1e-5)
-    assert rounds > 1
-    assert epsilon_for(1.1, 0.05, rounds, 1e-5) <= 3.0 < epsilon_for(1.1, 0.05, rounds + 1, 1e-5)
+    for z, q, budget in [(2.0, 0.2, 2.0), (3.0, 1.0, 8.0)]:
+        rounds = rounds_within_budget(z, q, budget, 1e-5)
+        assert rounds > 1
+        assert reference_epsilon(z, q, rounds, 1e-5) <= budget < reference_epsilon(z, q, rounds + 1, 1e-5)
     assert rounds_within_budget(0.0, 1.0, 3.0, 1e-5) == 0
     assert rounds_within_budget(0.3, 1.0, 0.01, 1e-5) == 0
 
@@ -197,8 +199,10 @@ def test_adaptive_update_noise_is_raised_so_the_total_cost_stays_z(registry):
     [
         ({"clip_norm": 0.0, "noise_multiplier": 1.0}, "clip_norm"),
         ({"clip_norm": 1.0, "noise_multiplier": 0.0, "epsilon_budget": 5.0}, "epsilon_budget"),
-        ({"clip_norm": 1.0, "noise_multiplier": 2.0, "adaptive": True, "count_noise_multiplier": 1.0},
-         "count_noise_multiplier"),
+        (
+            {"clip_norm": 1.0, "noise_multiplier": 2.0, "adaptive": True, "count_noise_multiplier": 1.0},
+            "count_noise_multiplier",
+        ),
         ({"clip_norm": 1.0, "noise_multiplier": 1.0, "inner": "fedasync"}, "async"),
         ({"clip_norm": 1.0, "noise_multiplier": 1.0, "inner": "nope"}, "unknown aggregator 'nope'"),
         ({"clip_norm": 1.0, "noise_multiplier": 1.0, "sample_rate": 1.5}, "sample_rate"),
@@ -211,6 +215,28 @@ def test_inconsistent_settings_are_refused_when_the_aggregator_is_built(registry
 
 def test_fedprox_can_be_the_inner_aggregator_and_still_counts_each_client_once(registry):
     aggregator = registry.create("dp-noise", {"clip_norm": 10.0, "noise_multiplier": 0.0, "inner": "fedprox"})
+    g = {"w": np.zeros(1, np.float64)}
+
+    result = run_round(aggregator, g, [{"w": np.array([1.0])}, {"w": np.array([3.0])}], examples=[1, 99])
+
+    np.testing.assert_allclose(result.weights["w"], [2.0])
+
+
+class ExamplesWeightedPlugin:
+    """An inner aggregator with no ``weighted`` switch: it always weights by ``num_examples``."""
+
+    @hookimpl
+    def register_aggregators(self, register):
+        register("always-weighted", lambda params, ctx: FedAvg(FedAvgParams(weighted=True)))
+
+
+def test_an_inner_without_a_weighted_switch_still_sees_one_example_per_client():
+    pm = get_plugin_manager(plugin_dirs=[])
+    pm.register(ExamplesWeightedPlugin(), "examples-weighted")
+    registry = build_registry(pm)
+    aggregator = registry.create(
+        "dp-noise", {"clip_norm": 10.0, "noise_multiplier": 0.0, "inner": "always-weighted"}
+    )
     g = {"w": np.zeros(1, np.float64)}
 
     result = run_round(aggregator, g, [{"w": np.array([1.0])}, {"w": np.array([3.0])}], examples=[1, 99])

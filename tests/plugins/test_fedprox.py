@@ -36,7 +36,9 @@ def test_fedprox_aggregates_exactly_like_fedavg(registry):
 
     np.testing.assert_array_equal(results[0].weights["w"], results[1].weights["w"])
     n = np.array([u.num_examples for u in updates], np.float64)
-    expected = np.tensordot(n, np.stack([u.weights["w"] for u in updates]).astype(np.float64), axes=1) / n.sum()
+    expected = (
+        np.tensordot(n, np.stack([u.weights["w"] for u in updates]).astype(np.float64), axes=1) / n.sum()
+    )
     np.testing.assert_allclose(results[0].weights["w"], expected, rtol=1e-6)
 
 

@@ -13,7 +13,8 @@ def test_streaming_weighted_sum_equals_the_batch_weighted_mean_for_mixed_dtypes(
     rng = np.random.default_rng(42)
     shapes = {"half": ((5, 3), np.float16), "single": ((4, 4), np.float32), "double": ((6,), np.float64)}
     clients = [
-        {name: rng.normal(size=shape).astype(dtype) for name, (shape, dtype) in shapes.items()} for _ in range(7)
+        {name: rng.normal(size=shape).astype(dtype) for name, (shape, dtype) in shapes.items()}
+        for _ in range(7)
     ]
     examples = rng.integers(1, 1000, size=len(clients))
 

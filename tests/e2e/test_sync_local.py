@@ -1,0 +1,99 @@
+"""End to end on the embedded AWS: a moto server over HTTP, the stack's state machine, the real
+handlers behind the pollers, and real client processes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedstream.local.logs import json_lines
+from fedstream.local.run import LocalRunConfig, run_local
+from fedstream.weights import load_file
+
+pytestmark = pytest.mark.e2e
+
+
+def test_keras_clients_train_a_model_over_two_rounds(tmp_path: Path) -> None:
+    # GIVEN two TensorFlow clients on disjoint shards of the digits data
+    config = LocalRunConfig(
+        clients=2,
+        rounds=2,
+        dataset="digits",
+        trainer="keras",
+        epochs=2,
+        learning_rate=0.2,
+        out=tmp_path,
+        progress=False,
+        seed=3,
+    )
+
+    # WHEN the run goes through the state machine, the handlers and the clients
+    summary = run_local(config)
+
+    # THEN it succeeds, both rounds aggregate both clients, and the global model got better
+    assert summary.status == "SUCCEEDED", summary.error
+    assert [r.round for r in summary.rounds] == [1, 2]
+    assert all(r.clients == 2 and not r.at_deadline for r in summary.rounds)
+    assert summary.initial_accuracy is not None
+    assert summary.accuracies[-1] > summary.initial_accuracy + 0.2
+    assert summary.client_exit_codes == {"site-1": 0, "site-2": 0}
+    # and the user finds every output where the docs say
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "SUCCEEDED" and len(metrics["rounds"]) == 2
+    assert (tmp_path / "metrics.csv").read_text().startswith("round,version,")
+    assert (tmp_path / "accuracy.png").stat().st_size > 10_000
+    _, meta = load_file(tmp_path / "final_model.safetensors")
+    assert meta["version"] == "2" and meta["parent_version"] == "1"
+    # and the logs are one JSON object per line with the correlation keys
+    logs = list(json_lines((tmp_path / "logs.jsonl").read_text()))
+    registered = [e for e in logs if e.get("message") == "update registered"]
+    assert len(registered) == 4
+    assert all({"run_id", "client_id", "round", "version"} <= e.keys() for e in registered)
+
+
+def test_a_straggler_misses_the_deadline_and_rounds_close_with_the_quorum(tmp_path: Path) -> None:
+    config = LocalRunConfig(
+        clients=3,
+        rounds=2,
+        dataset="digits",
+        trainer="numpy",
+        min_clients=2,
+        round_timeout=4,
+        stragglers=1,
+        straggler_delay=6.0,
+        out=tmp_path,
+        progress=False,
+    )
+
+    summary = run_local(config)
+
+    assert summary.status == "SUCCEEDED", summary.error
+    assert [r.at_deadline for r in summary.rounds] == [True, True]
+    assert all(r.clients == 2 for r in summary.rounds)
+    logs = (tmp_path / "logs.jsonl").read_text()
+    assert logs.count('"message":"round closed at its deadline"') == 2
+    assert summary.accuracies[-1] > (summary.initial_accuracy or 0) + 0.3
+
+
+def test_fewer_reports_than_min_clients_fail_the_run_with_a_clear_message(tmp_path: Path) -> None:
+    config = LocalRunConfig(
+        clients=2,
+        rounds=2,
+        dataset="digits",
+        trainer="numpy",
+        min_clients=2,
+        round_timeout=3,
+        stragglers=1,
+        straggler_delay=30.0,
+        out=tmp_path,
+        progress=False,
+        client_timeout=5,
+    )
+
+    summary = run_local(config)
+
+    assert summary.status == "FAILED"
+    assert summary.error is not None and "1 of the 2 reports required" in summary.error
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "FAILED"
