@@ -26,7 +26,10 @@ def parse_params(pairs: Sequence[str] | None) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedstream", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="fedstream",
+        description="Serverless, event-driven federated learning on AWS managed services.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_commands(sub)
