@@ -53,17 +53,22 @@ def _as_int(value: Any) -> int | None:
         return None
 
 
+def correlation_keys(image: dict[str, Any]) -> dict[str, Any]:
+    """The log correlation keys of an update record (before it is validated)."""
+    return {
+        "run_id": image.get("run_id"),
+        "client_id": image.get("client_id"),
+        "round": _as_int(image.get("round")),
+        "version": _as_int(image.get("base_version")),
+    }
+
+
 @tracer.capture_method
 def record_handler(record: DynamoDBRecord) -> None:
     if record.event_name != DynamoDBRecordEventName.INSERT or record.dynamodb is None:
         return
     image: dict[str, Any] = record.dynamodb.new_image
-    logger.append_keys(
-        run_id=image.get("run_id"),
-        client_id=image.get("client_id"),
-        round=_as_int(image.get("round")),
-        version=_as_int(image.get("base_version")),
-    )
+    logger.append_keys(**correlation_keys(image))
     settings = HandlerSettings.from_env()
     try:
         registered, closed = sync.handle_sync_record(store_for(settings), settings, default_registry(), image)

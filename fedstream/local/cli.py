@@ -22,11 +22,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         description="Start a moto server, create the stack's resources, run the real handlers and "
         "state machine, start N client processes, and train.",
     )
-    parser.add_argument("--mode", choices=["sync"], default="sync")
+    parser.add_argument("--mode", choices=["sync", "async"], default="sync")
     parser.add_argument("--aggregator", default="fedavg")
     parser.add_argument("--param", action="append", metavar="K=V", help="aggregator parameter (repeatable)")
     parser.add_argument("--clients", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="sync: at most this many rounds")
+    parser.add_argument("--updates", type=int, default=20, help="async: stop after this many applied updates")
+    parser.add_argument("--max-seconds", type=float, default=0.0, help="async: wall-clock limit (0: none)")
     parser.add_argument("--dataset", default="mnist-5k", choices=["mnist-5k", "digits", "fashion-mnist"])
     parser.add_argument("--partition", default="iid", help="iid | dirichlet:ALPHA | shards:S")
     parser.add_argument("--min-clients", type=int, help="quorum to close a round at its deadline")
@@ -75,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         progress=not args.no_progress,
+        updates=args.updates,
+        max_seconds=args.max_seconds,
     )
     summary = run_local(config)
     return 0 if summary.status == "SUCCEEDED" else 1

@@ -62,10 +62,17 @@ class Poller(threading.Thread):
         self._stop_event = threading.Event()
         self.invocations = 0
         self.failures = 0
+        self.last_activity = time.monotonic()
         self.dead_letters: list[dict[str, Any]] = []
 
     def stop(self) -> None:
         self._stop_event.set()
+
+    def drain(self, quiet_seconds: float = 1.0, timeout: float = 30.0) -> None:
+        """Wait until nothing was delivered for ``quiet_seconds`` (or ``timeout`` passed)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and time.monotonic() - self.last_activity < quiet_seconds:
+            time.sleep(0.1)
 
 
 class StreamPoller(Poller):
@@ -133,6 +140,7 @@ class StreamPoller(Poller):
         rest = batch[self.batch_size :]
         while records and not self._stop_event.is_set():
             try:
+                self.last_activity = time.monotonic()
                 response = invoke(self.handler, {"Records": records}, self.function_name)
                 failed = [f["itemIdentifier"] for f in response.get("batchItemFailures", [])]
             except Exception:
@@ -199,6 +207,7 @@ class QueuePoller(Poller):
             }
             for m in messages
         ]
+        self.last_activity = time.monotonic()
         try:
             response = invoke(self.handler, {"Records": records}, self.function_name)
             failed = {f["itemIdentifier"] for f in response.get("batchItemFailures", [])}

@@ -25,6 +25,7 @@ from fedstream.cli import CliError
 from fedstream.local.embedded import EmbeddedAWS, Resources, create_resources
 from fedstream.local.pollers import Poller, QueuePoller, StreamPoller
 from fedstream.registry import default_registry
+from fedstream.server.store import Store
 from fedstream.settings import HandlerSettings
 from fedstream.weights import decode, encode, sha256_hex
 
@@ -55,6 +56,8 @@ class LocalRunConfig:
     learning_rate: float | None = None
     progress: bool = True
     client_timeout: float = 600.0
+    updates: int = 20
+    max_seconds: float = 0.0
 
 
 @dataclass
@@ -84,6 +87,7 @@ class RunSummary:
     rejected: dict[str, int]
     client_exit_codes: dict[str, int | None]
     out: Path
+    counts: dict[str, int] = field(default_factory=dict)
 
     @property
     def accuracies(self) -> list[float]:
@@ -160,46 +164,37 @@ def run_local(config: LocalRunConfig) -> RunSummary:
         initial = evaluator.initial_weights()
         initial_accuracy = evaluator.evaluate(initial).get("eval_accuracy")
         data = encode(initial, {"run_id": run_id, "version": "0", "creator": "fedstream local"})
-        key0 = keys.global_key(run_id, 0)
-        aws.client("s3").put_object(Bucket=resources.bucket, Key=key0, Body=data)
+        if config.mode == "sync":  # async: start_run publishes version 0
+            aws.client("s3").put_object(Bucket=resources.bucket, Key=keys.global_key(run_id, 0), Body=data)
 
-        pollers = _start_pollers(aws, resources)
+        pollers = _start_pollers(aws, resources, config.mode)
         clients = _start_clients(aws, resources, config, client_ids, out)
         _wait_until_ready(clients, out, timeout=config.client_timeout)
         aggregator = registry.create(config.aggregator, config.params, seed=config.seed)
-        execution = aws.client("stepfunctions").start_execution(
-            stateMachineArn=resources.state_machine_arn,
-            name=run_id,
-            input=json.dumps(
-                {
-                    "run_id": run_id,
-                    "rounds": config.rounds,
-                    "min_clients": min_clients,
-                    "round_timeout": config.round_timeout,
-                    "target_accuracy": config.target_accuracy if config.target_accuracy else NO_TARGET,
-                    "version": 0,
-                    "object_key": key0,
-                    "sha256": sha256_hex(data),
-                    "client_settings": aggregator.client_settings(None),
-                }
-            ),
-        )["executionArn"]
         progress = Progress(console_stream, config, client_ids, enabled=config.progress)
         started = time.monotonic()
+        status, counts = "FAILED", {}
         try:
-            status, error, rows = _watch(
-                aws, resources, settings, execution, run_id, evaluator, progress, started
-            )
+            if config.mode == "async":
+                status, error, rows, final_key, counts = _run_async(
+                    aws, settings, run_id, data, config, aggregator, evaluator, progress, started
+                )
+            else:
+                status, error, rows, final_key = _run_sync(
+                    aws, resources, settings, run_id, data, config, aggregator, evaluator, progress, started
+                )
         finally:
-            for poller in pollers:
-                poller.stop()
             codes = _stop_clients(clients, config.client_timeout if status == "SUCCEEDED" else 5)
+            for poller in pollers:
+                poller.drain()
+                poller.stop()
             progress.close()
+        if config.mode == "async":  # records that arrived after the end are counted now
+            state = Store(settings, aws.session()).run_state(run_id) or {}
+            counts = {name: int(state.get(name, 0)) for name in counts}
         wall = time.monotonic() - started
         final_version = rows[-1].version if rows else 0
-        final = aws.client("s3").get_object(
-            Bucket=resources.bucket, Key=keys.global_key(run_id, final_version)
-        )
+        final = aws.client("s3").get_object(Bucket=resources.bucket, Key=final_key)
         (out / "final_model.safetensors").write_bytes(final["Body"].read())
     summary = RunSummary(
         run_id=run_id,
@@ -212,19 +207,113 @@ def run_local(config: LocalRunConfig) -> RunSummary:
         rejected=_rejections(out / "logs.jsonl"),
         client_exit_codes=codes,
         out=out,
+        counts=counts,
     )
     _write_outputs(summary, config)
     progress.summary(summary)
     return summary
 
 
-def _start_pollers(aws: EmbeddedAWS, resources: Resources) -> list[Poller]:
-    from handlers import aggregate, finalize
+def _run_sync(
+    aws: EmbeddedAWS,
+    resources: Resources,
+    settings: HandlerSettings,
+    run_id: str,
+    data: bytes,
+    config: LocalRunConfig,
+    aggregator: Any,
+    evaluator: _Evaluator,
+    progress: Any,
+    started: float,
+) -> tuple[str, str | None, list[RoundRow], str]:
+    min_clients = config.min_clients or config.clients
+    key0 = keys.global_key(run_id, 0)
+    execution = aws.client("stepfunctions").start_execution(
+        stateMachineArn=resources.state_machine_arn,
+        name=run_id,
+        input=json.dumps(
+            {
+                "run_id": run_id,
+                "rounds": config.rounds,
+                "min_clients": min_clients,
+                "round_timeout": config.round_timeout,
+                "target_accuracy": config.target_accuracy if config.target_accuracy else NO_TARGET,
+                "version": 0,
+                "object_key": key0,
+                "sha256": sha256_hex(data),
+                "client_settings": aggregator.client_settings(None),
+            }
+        ),
+    )["executionArn"]
+    status, error, rows = _watch(aws, settings, execution, run_id, evaluator, progress, started)
+    return status, error, rows, keys.global_key(run_id, rows[-1].version if rows else 0)
 
+
+def _run_async(
+    aws: EmbeddedAWS,
+    settings: HandlerSettings,
+    run_id: str,
+    data: bytes,
+    config: LocalRunConfig,
+    aggregator: Any,
+    evaluator: _Evaluator,
+    progress: Any,
+    started: float,
+) -> tuple[str, str | None, list[RoundRow], str, dict[str, int]]:
+    from fedstream.server import asynchronous
+
+    store = Store(settings, aws.session())
+    asynchronous.start_run(
+        store,
+        run_id,
+        data,
+        client_settings=aggregator.client_settings(None),
+        max_updates=config.updates,
+        target_accuracy=config.target_accuracy,
+        max_seconds=config.max_seconds,
+    )
+    rows: list[RoundRow] = []
+    seen = 0
+    while True:
+        state = store.run_state(run_id) or {}
+        if int(state.get("version", 0)) != seen:
+            seen = int(state["version"])
+            weights, _ = decode(store.get_bytes(str(state["global_key"])))
+            test = evaluator.evaluate(weights)
+            reported = json.loads(state.get("last_metrics") or "{}")
+            rows.append(
+                RoundRow(
+                    round=len(rows) + 1,
+                    version=seen,
+                    duration_seconds=None,
+                    clients=int(state.get("applied", 0)),
+                    at_deadline=False,
+                    train_loss=reported.get("train_loss"),
+                    eval_accuracy_clients=reported.get("eval_accuracy"),
+                    test_loss=test.get("eval_loss"),
+                    test_accuracy=test.get("eval_accuracy"),
+                    epsilon=reported.get("epsilon"),
+                    elapsed_seconds=time.monotonic() - started,
+                )
+            )
+            progress.round_closed(rows[-1])
+            continue
+        progress.update(None, str(state.get("status")))
+        if state.get("status") != "RUNNING":
+            break
+        if config.max_seconds and time.monotonic() - started > config.max_seconds:
+            asynchronous.end_run(store, run_id, "wall_clock", seen)
+        time.sleep(0.3)
+    counts = {name: int(state.get(name, 0)) for name in ("received", "applied", "rejected", "buffered")}
+    return str(state["status"]), state.get("failure"), rows, str(state["global_key"]), counts
+
+
+def _start_pollers(aws: EmbeddedAWS, resources: Resources, mode: str) -> list[Poller]:
+    from handlers import aggregate, async_update, finalize
+
+    stream_handler = async_update.lambda_handler if mode == "async" else aggregate.lambda_handler
     pollers: list[Poller] = [
-        StreamPoller(
-            aws.client("dynamodbstreams"), resources.stream_arn, aggregate.lambda_handler, "aggregate"
-        )
+        StreamPoller(aws.client("dynamodbstreams"), resources.stream_arn, stream_handler, f"{mode}-stream")
     ]
     if resources.finalize_queue_url:
         pollers.append(
@@ -322,7 +411,6 @@ def _stop_clients(processes: dict[str, subprocess.Popen[bytes]], timeout: float)
 
 def _watch(
     aws: EmbeddedAWS,
-    resources: Resources,
     settings: HandlerSettings,
     execution_arn: str,
     run_id: str,
@@ -330,7 +418,6 @@ def _watch(
     progress: Any,
     started: float,
 ) -> tuple[str, str | None, list[RoundRow]]:
-    from fedstream.server.store import Store
 
     sfn = aws.client("stepfunctions")
     store = Store(settings, aws.session())
@@ -406,6 +493,7 @@ def _write_outputs(summary: RunSummary, config: LocalRunConfig) -> None:
                 "final_version": summary.final_version,
                 "initial_test_accuracy": summary.initial_accuracy,
                 "rejected": summary.rejected,
+                "counts": summary.counts,
                 "client_exit_codes": summary.client_exit_codes,
                 "config": config_json,
                 "rounds": rows,

@@ -26,7 +26,7 @@ from fedstream.registry import AggregatorRegistry
 from fedstream.schemas import UpdateRecord
 from fedstream.server.store import ConditionFailed, MissingObject, Store
 from fedstream.settings import HandlerSettings
-from fedstream.weights import WireFormatError, decode, encode, sha256_hex
+from fedstream.weights import ModelSpec, WireFormatError, decode, encode, sha256_hex
 
 CLAIM_LEASE_SECONDS = 900
 T = TypeVar("T")
@@ -97,16 +97,15 @@ def check_identity(record: UpdateRecord, settings: HandlerSettings) -> None:
         )
 
 
-def load_update(store: Store, record: UpdateRecord, spec_source_version: int) -> tuple[Any, int]:
+def load_update(store: Store, record: UpdateRecord, spec: ModelSpec) -> tuple[Any, int]:
     """Download, verify sha256 and decode an update against the global model's spec."""
-    model = store.global_model(record.run_id, spec_source_version)
     try:
         data = store.get_bytes(record.object_key)
     except MissingObject as exc:
         raise Rejected("missing_object", str(exc)) from None
     try:
         weights, _ = decode(
-            data, model.spec, max_bytes=store.settings.max_model_bytes, expected_sha256=record.sha256
+            data, spec, max_bytes=store.settings.max_model_bytes, expected_sha256=record.sha256
         )
     except WireFormatError as exc:
         raise Rejected(exc.reason, str(exc)) from None
@@ -133,7 +132,7 @@ def register_report(store: Store, settings: HandlerSettings, record: UpdateRecor
         )
     if record.client_id in round_item.get("reported", []):
         raise Rejected("duplicate", f"client {record.client_id!r} already reported for round {record.round}")
-    load_update(store, record, record.base_version)
+    load_update(store, record, store.global_model(record.run_id, record.base_version).spec)
 
     values: dict[str, Any] = {":cid": {record.client_id}, ":one": 1, ":open": "open", ":c": record.client_id}
     extra_update = extra_check = ""
@@ -337,7 +336,7 @@ def _aggregate_and_publish(
         if item is None:
             raise Rejected("missing_record", f"no update record for {client_id} at version {base_version}")
         record = UpdateRecord.model_validate(item)
-        weights, size = load_update(store, record, base_version)
+        weights, size = load_update(store, record, base.spec)
         return record, weights, size
 
     accepted: list[str] = []
