@@ -32,6 +32,7 @@ from fedstream.weights import ModelSpec, Weights, WireFormatError, decode, encod
 
 log = logging.getLogger("fedstream.client")
 _MESSAGE = pydantic.TypeAdapter(Message)
+UPDATE_TAG = "fedstream%3Aobject=update"
 
 
 class Stopped(Exception):
@@ -155,7 +156,8 @@ class FederatedClient:
             },
         )
         key = keys.update_key(body.run_id, self.settings.client_id, body.version, uuid.uuid4().hex[:12])
-        self.s3.put_object(Bucket=self.settings.bucket, Key=key, Body=data)
+        # The tag lets the bucket lifecycle expire old updates (S3 lifecycle cannot match runs/*/updates/).
+        self.s3.put_object(Bucket=self.settings.bucket, Key=key, Body=data, Tagging=UPDATE_TAG)
         record = UpdateRecord.create(
             client_id=self.settings.client_id,
             run_id=body.run_id,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,41 @@ def aws_environment(endpoint: str, port: int) -> dict[str, str]:
     }
 
 
+_DYNAMODB_ITEM_OPERATIONS = (
+    "get_item",
+    "put_item",
+    "update_item",
+    "delete_item",
+    "transact_write_items",
+    "transact_get_items",
+    "batch_write_item",
+)
+
+
+def make_dynamodb_item_operations_atomic() -> None:
+    """Give moto's DynamoDB the isolation the real service guarantees.
+
+    DynamoDB applies a conditional write or a transaction atomically. moto's server handles
+    requests on several threads without a lock, and a failed transaction restores a snapshot of
+    the whole table, which can undo a concurrent write. Serialising item operations in-process
+    restores the real semantics, so concurrency tests exercise fedstream's logic, not moto's races.
+    """
+    from moto.dynamodb.models import DynamoDBBackend
+
+    if getattr(DynamoDBBackend, "_fedstream_atomic", False):
+        return
+    lock = threading.RLock()
+    for name in _DYNAMODB_ITEM_OPERATIONS:
+        original = getattr(DynamoDBBackend, name)
+
+        def locked(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            with lock:
+                return _original(self, *args, **kwargs)
+
+        setattr(DynamoDBBackend, name, locked)
+    DynamoDBBackend._fedstream_atomic = True
+
+
 class EmbeddedAWS:
     """A ``ThreadedMotoServer`` on loopback with Step Functions executions switched on."""
 
@@ -40,6 +76,7 @@ class EmbeddedAWS:
         from moto.server import ThreadedMotoServer
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        make_dynamodb_item_operations_atomic()
 
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.port = 0

@@ -1,4 +1,4 @@
-"""PNG plots of a local run."""
+"""PNG plots of a local run: per round (sync), or against wall-clock time and version (async)."""
 
 from __future__ import annotations
 
@@ -7,27 +7,34 @@ from pathlib import Path
 from typing import Any
 
 
-def plot_rounds(rows: Sequence[Any], path: Path, title: str = "") -> None:
+def plot_run(rows: Sequence[Any], path: Path, *, mode: str, title: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rounds = [r.round for r in rows]
-    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(9, 3.6))
-    acc_ax.plot(rounds, [r.test_accuracy for r in rows], marker="o", label="global model, test set")
-    acc_ax.plot(
-        rounds, [r.eval_accuracy_clients for r in rows], marker="s", ls="--", label="clients, local eval"
-    )
-    acc_ax.set(xlabel="round", ylabel="accuracy", title="accuracy")
-    acc_ax.legend()
-    loss_ax.plot(rounds, [r.test_loss for r in rows], marker="o", label="global model, test set")
-    loss_ax.plot(rounds, [r.train_loss for r in rows], marker="s", ls="--", label="clients, training")
-    loss_ax.set(xlabel="round", ylabel="loss", title="loss")
-    loss_ax.legend()
-    for ax in (acc_ax, loss_ax):
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    if mode == "sync":
+        rounds = [r.round for r in rows]
+        left.plot(rounds, [r.test_accuracy for r in rows], marker="o", label="global model, test set")
+        left.plot(
+            rounds, [r.eval_accuracy_clients for r in rows], marker="s", ls="--", label="clients, local eval"
+        )
+        left.set(xlabel="round", ylabel="accuracy", title="accuracy")
+        right.plot(rounds, [r.test_loss for r in rows], marker="o", label="global model, test set")
+        right.plot(rounds, [r.train_loss for r in rows], marker="s", ls="--", label="clients, training")
+        right.set(xlabel="round", ylabel="loss", title="loss")
+        for ax in (left, right):
+            ax.set_xticks(rounds)
+    else:
+        accuracy = [r.test_accuracy for r in rows]
+        left.plot([r.elapsed_seconds for r in rows], accuracy, marker=".", label="global model, test set")
+        left.set(xlabel="wall-clock seconds", ylabel="accuracy", title="accuracy over time")
+        right.plot([r.version for r in rows], accuracy, marker=".", label="global model, test set")
+        right.set(xlabel="global version", ylabel="accuracy", title="accuracy per version")
+    for ax in (left, right):
         ax.grid(alpha=0.3)
-        ax.set_xticks(rounds)
+        ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

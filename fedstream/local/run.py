@@ -506,6 +506,7 @@ def _write_outputs(summary: RunSummary, config: LocalRunConfig) -> None:
         writer.writeheader()
         writer.writerows(rows)
     if rows:
-        from fedstream.local.plot import plot_rounds
+        from fedstream.local.plot import plot_run
 
-        plot_rounds(summary.rounds, out / "accuracy.png", title=f"{config.aggregator} · {config.dataset}")
+        title = f"{config.mode} · {config.aggregator} · {config.dataset}"
+        plot_run(summary.rounds, out / "accuracy.png", mode=config.mode, title=title)

@@ -97,3 +97,31 @@ def test_fewer_reports_than_min_clients_fail_the_run_with_a_clear_message(tmp_pa
     assert summary.status == "FAILED"
     assert summary.error is not None and "1 of the 2 reports required" in summary.error
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "FAILED"
+
+
+@pytest.mark.parametrize("aggregator", ["fedasync", "fedbuff"])
+def test_async_runs_update_the_model_per_record_and_their_counts_add_up(
+    tmp_path: Path, aggregator: str
+) -> None:
+    config = LocalRunConfig(
+        mode="async",
+        aggregator=aggregator,
+        clients=4,
+        updates=12,
+        dataset="digits",
+        trainer="numpy",
+        out=tmp_path,
+        progress=False,
+        seed=1,
+    )
+
+    summary = run_local(config)
+
+    assert summary.status == "SUCCEEDED", summary.error
+    counts = summary.counts
+    assert counts["applied"] >= 12
+    assert counts["received"] == counts["applied"] + counts["rejected"] + counts["buffered"]
+    assert summary.accuracies[-1] > (summary.initial_accuracy or 0) + 0.3
+    assert summary.client_exit_codes == {f"site-{n}": 0 for n in range(1, 5)}
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["counts"] == counts and metrics["config"]["mode"] == "async"

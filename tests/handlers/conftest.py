@@ -187,3 +187,35 @@ def world(aws: EmbeddedAWS, monkeypatch: pytest.MonkeyPatch) -> SyncWorld:
         },
     )
     return SyncWorld(aws, resources, settings, run_id, base)
+
+
+@pytest.fixture
+def async_world(
+    aws: EmbeddedAWS, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> SyncWorld:
+    """An async run at version 0; ``@pytest.mark.aggregator(name, **params)`` picks the aggregator."""
+    from fedstream.server.asynchronous import start_run
+
+    marker = request.node.get_closest_marker("aggregator")
+    name, params = ("fedasync", {"max_staleness": 1000})
+    if marker:
+        name, params = marker.args[0], dict(marker.kwargs)
+    for key, value in aws_environment(aws.endpoint, aws.port).items():
+        monkeypatch.setenv(key, value)
+    resources = create_resources(aws, f"a{uuid.uuid4().hex[:8]}", list(CLIENTS), mode="async")
+    settings = HandlerSettings(
+        mode="async",
+        bucket=resources.bucket,
+        run_table=resources.run_table,
+        updates_table=resources.updates_table,
+        topic_arn=resources.topic_arn,
+        aggregator=name,
+        aggregator_params=params,
+        client_ids=CLIENTS,
+        seed=1,
+    )
+    for key, value in settings.to_env().items():
+        monkeypatch.setenv(key, value)
+    world = SyncWorld(aws, resources, settings, "run-a", global_weights())
+    start_run(world.store, world.run_id, encode(world.base, {"run_id": world.run_id, "version": "0"}))
+    return world

@@ -1,0 +1,194 @@
+"""The Lambda asset, built without Docker.
+
+``pip install --platform manylinux_2_X_<machine> --only-binary=:all: --python-version 3.13
+--target <asset>`` fetches wheels for the Lambda runtime whatever the build machine runs, then the
+``fedstream/``, ``handlers/`` and ``plugins/`` packages are copied beside them. A file dropped into
+``plugins/`` changes the asset hash, so it deploys with the next ``cdk deploy``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jsii
+from aws_cdk import AssetHashType, BundlingOptions, DockerImage, ILocalBundling
+from aws_cdk import aws_lambda as lambda_
+
+from stacks import constants
+
+# Bump when the recipe below changes, so the asset hash changes with it.
+RECIPE_VERSION = "1"
+_STRIPPED_DIRS = ("tests",)
+_IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", ".DS_Store")
+
+
+class BundlingError(RuntimeError):
+    """The asset could not be built; the message says which step failed and why."""
+
+
+def _requirement_name(requirement: str) -> str:
+    return re.split(r"[\s\[<>=!~;@]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def lambda_requirements(aggregator: str, pyproject: Path = constants.PYPROJECT) -> tuple[str, ...]:
+    """The pip requirements of the asset: the core's dependencies + the "server" extra.
+
+    An optional requirement (``constants.OPTIONAL_REQUIREMENTS``) is kept only when the deployed
+    aggregator needs it: dp-accounting pulls scipy, which only the dp-noise aggregator imports.
+    """
+    project = tomllib.loads(pyproject.read_text())["project"]
+    requirements = [
+        *project["dependencies"],
+        *project["optional-dependencies"][constants.LAMBDA_REQUIREMENTS_EXTRA],
+    ]
+    kept = []
+    for requirement in requirements:
+        users = constants.OPTIONAL_REQUIREMENTS.get(_requirement_name(requirement))
+        if users is None or aggregator in users:
+            kept.append(requirement)
+    return tuple(kept)
+
+
+def pip_platforms(machine: str = constants.LAMBDA_PIP_MACHINE) -> list[str]:
+    """Every manylinux tag the Lambda runtime's glibc accepts, newest first.
+
+    pip does not widen an explicit ``--platform`` to older glibc versions, so each one is listed.
+    """
+    major, newest = constants.LAMBDA_GLIBC_MAX
+    tags = [f"manylinux_{major}_{minor}_{machine}" for minor in range(newest, 16, -1)]
+    return [*tags, f"manylinux2014_{machine}"]
+
+
+@dataclass(frozen=True)
+class LambdaAssetSpec:
+    """What goes into the asset; its fingerprint is the asset hash."""
+
+    requirements: tuple[str, ...]
+    python_version: str = constants.LAMBDA_PYTHON_VERSION
+    machine: str = constants.LAMBDA_PIP_MACHINE
+    packages: tuple[str, ...] = constants.LAMBDA_PACKAGES
+    source_root: Path = field(default=constants.REPO_ROOT)
+
+    @classmethod
+    def for_aggregator(cls, aggregator: str) -> LambdaAssetSpec:
+        return cls(requirements=lambda_requirements(aggregator))
+
+    def source_files(self) -> Iterable[Path]:
+        for package in self.packages:
+            root = self.source_root / package
+            if not (root / "__init__.py").is_file():
+                raise BundlingError(f"package {package}/ is missing from {self.source_root}")
+            for path in sorted(root.rglob("*")):
+                if path.is_file() and "__pycache__" not in path.parts and path.suffix not in {".pyc", ".pyo"}:
+                    yield path
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for part in (RECIPE_VERSION, self.python_version, self.machine, *self.requirements):
+            digest.update(part.encode() + b"\0")
+        for path in self.source_files():
+            digest.update(path.relative_to(self.source_root).as_posix().encode() + b"\0")
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+        return digest.hexdigest()
+
+    def pip_command(self, target: Path) -> list[str]:
+        platforms = [arg for tag in pip_platforms(self.machine) for arg in ("--platform", tag)]
+        return [
+            sys.executable, "-m", "pip", "install",
+            "--quiet", "--disable-pip-version-check", "--no-compile", "--no-warn-conflicts",
+            "--target", str(target),
+            *platforms,
+            "--implementation", "cp",
+            "--python-version", self.python_version,
+            "--only-binary=:all:",
+            *self.requirements,
+        ]  # fmt: skip
+
+
+def build_lambda_asset(spec: LambdaAssetSpec, output_dir: Path) -> Path:
+    """Install the wheels and copy the packages into ``output_dir``; returns it."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    command = spec.pip_command(output_dir)
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise BundlingError(
+            "pip could not install the Lambda dependencies "
+            f"(python {spec.python_version}, {spec.machine}):\n{result.stderr.strip()}\n"
+            f"command: {' '.join(command)}"
+        )
+    for stripped in _STRIPPED_DIRS:
+        for directory in sorted(output_dir.glob(f"*/**/{stripped}"), reverse=True):
+            if directory.is_dir():
+                shutil.rmtree(directory)
+    for package in spec.packages:
+        destination = output_dir / package
+        if destination.exists():
+            raise BundlingError(f"a dependency installed a top-level {package!r}, which clashes with ours")
+        shutil.copytree(spec.source_root / package, destination, ignore=_IGNORED)
+    return output_dir
+
+
+def directory_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+@jsii.implements(ILocalBundling)
+class LocalPipBundling:
+    """CDK's local bundling hook: build on this machine with pip, never fall back to Docker."""
+
+    def __init__(self, spec: LambdaAssetSpec) -> None:
+        self.spec = spec
+
+    def try_bundle(self, output_dir: str, *_args: object, **_options: object) -> bool:
+        try:
+            build_lambda_asset(self.spec, Path(output_dir))
+        except BundlingError as exc:
+            print(f"fedstream: building the Lambda asset failed: {exc}", file=sys.stderr)
+            raise
+        return True
+
+
+def lambda_code(spec: LambdaAssetSpec, prebuilt_dir: str | None = None) -> lambda_.Code:
+    """The asset as Lambda code: a prebuilt directory as is, else built by ``LocalPipBundling``."""
+    if prebuilt_dir:
+        path = Path(prebuilt_dir)
+        missing = [p for p in spec.packages if not (path / p / "__init__.py").is_file()]
+        if missing:
+            raise BundlingError(f"lambda_asset_dir {prebuilt_dir} lacks the packages {', '.join(missing)}")
+        return lambda_.Code.from_asset(str(path))
+    return lambda_.Code.from_asset(
+        str(spec.source_root),
+        asset_hash_type=AssetHashType.CUSTOM,
+        asset_hash=spec.fingerprint(),
+        bundling=BundlingOptions(
+            # Only used if local bundling declined, which LocalPipBundling never does.
+            image=DockerImage.from_registry(f"public.ecr.aws/sam/build-python{spec.python_version}"),
+            local=LocalPipBundling(spec),
+        ),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m stacks.bundling OUT_DIR [AGGREGATOR]``: build the asset outside CDK (for CI caches)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:
+        print("usage: python -m stacks.bundling OUT_DIR [AGGREGATOR]", file=sys.stderr)
+        return 2
+    spec = LambdaAssetSpec.for_aggregator(args[1] if len(args) > 1 else "fedavg")
+    out = build_lambda_asset(spec, Path(args[0]))
+    print(
+        f"{out}: {directory_size(out) / 2**20:.1f} MiB unzipped, requirements: {', '.join(spec.requirements)}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Names, paths and sizes of the deployable stack, in one place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aws_cdk import aws_lambda as lambda_
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+STATE_MACHINE_DEFINITION = REPO_ROOT / "stacks" / "state_machine.asl.json"
+PYPROJECT = REPO_ROOT / "pyproject.toml"
+
+DEFAULT_STACK_NAME = "Fedstream"
+PROJECT_TAG = "fedstream"
+
+# --- Lambda -------------------------------------------------------------------------------------
+# x86_64: the asset test imports the exact wheels that ship with a local CPython on the (x86_64)
+# developer and CI machines. Graviton (ARM_64, pip platform "aarch64") is ~20% cheaper per GB-s;
+# switching is these two constants, and the asset test then has to run on an arm64 machine.
+LAMBDA_ARCHITECTURE = lambda_.Architecture.X86_64
+LAMBDA_PIP_MACHINE = "x86_64"
+# Python 3.13 is the newest CPython this project can install here to import-test the asset with;
+# the cdk-nag "latest runtime" finding (3.14 exists) is acknowledged with that reason.
+LAMBDA_RUNTIME = lambda_.Runtime.PYTHON_3_13
+LAMBDA_PYTHON_VERSION = "3.13"
+# Amazon Linux 2023 (the python3.12+ runtimes) ships glibc 2.34: any manylinux wheel up to that runs.
+LAMBDA_GLIBC_MAX = (2, 34)
+LAMBDA_PACKAGES = ("fedstream", "handlers", "plugins")
+# Requirements of the asset come from pyproject.toml ([project].dependencies + the "server" extra);
+# dp-accounting (and the scipy it pulls: ~150 MB of the 250 MB unzipped limit) ships only when the
+# chosen aggregator needs it. plugins/dp_noise.py imports it lazily, so nothing else does.
+LAMBDA_REQUIREMENTS_EXTRA = "server"
+OPTIONAL_REQUIREMENTS = {"dp-accounting": frozenset({"dp-noise"})}
+LAMBDA_UNZIPPED_LIMIT_BYTES = 250 * 1024 * 1024
+
+HANDLER_AGGREGATE = "handlers.aggregate.lambda_handler"
+HANDLER_FINALIZE = "handlers.finalize.lambda_handler"
+HANDLER_ASYNC_UPDATE = "handlers.async_update.lambda_handler"
+
+# Memory: the global model and its float64 running sum (~3x model), the result (1x) and one model
+# per download thread in flight, on top of the interpreter with numpy and Powertools loaded.
+LAMBDA_BASE_MEMORY_MB = 512
+LAMBDA_MIN_MEMORY_MB = 1024
+LAMBDA_MAX_MEMORY_MB = 10240
+MODEL_COPIES_IN_MEMORY = 4
+# Lambda allows 4 KB of environment in all; the client list and aggregator params get this much of it.
+LAMBDA_ENV_BUDGET_BYTES = 3000
+AGGREGATE_TIMEOUT_MINUTES = 15
+ASYNC_UPDATE_TIMEOUT_MINUTES = 10
+
+SYNC_STREAM_BATCH_SIZE = 10
+ASYNC_STREAM_BATCH_SIZE = 5
+STREAM_RETRY_ATTEMPTS = 3
+ASYNC_PARALLELIZATION_FACTOR = 1
+
+# --- Queues -------------------------------------------------------------------------------------
+CLIENT_QUEUE_RETENTION_DAYS = 4
+CLIENT_QUEUE_VISIBILITY_SECONDS = 300
+CLIENT_MAX_RECEIVE_COUNT = 5
+FINALIZE_MAX_RECEIVE_COUNT = 3
+DLQ_RETENTION_DAYS = 14
+# Lambda's advice for SQS event sources: visibility timeout at least 6x the function timeout.
+SQS_VISIBILITY_PER_FUNCTION_TIMEOUT = 6
+
+# --- Storage ------------------------------------------------------------------------------------
+RUNS_PREFIX = "runs/"
+# S3 lifecycle filters take a literal prefix, not runs/*/updates/: clients tag their uploads.
+UPDATE_OBJECT_TAG = ("fedstream:object", "update")
+NONCURRENT_VERSION_DAYS = 30
+INCOMPLETE_UPLOAD_DAYS = 1
+UPDATES_TABLE_PARTITION_KEY = "client_id"
+UPDATES_TABLE_SORT_KEY = "update_id"
+RUN_TABLE_PARTITION_KEY = "run_id"
+RUN_TABLE_SORT_KEY = "sk"
+
+# --- Clients ------------------------------------------------------------------------------------
+# Each client costs 4 CloudFormation resources (queue, queue policy, subscription, role) and
+# 2 outputs; CloudFormation allows 500 resources and 200 outputs per stack.
+MAX_CLIENTS = 90
+
+# --- Observability ------------------------------------------------------------------------------
+METRIC_NAMESPACE = "fedstream"
+POWERTOOLS_SERVICE_NAME = "fedstream"
+SYNC_METRICS = (
+    "RoundCompleted",
+    "RoundDurationSeconds",
+    "ClientsReported",
+    "AggregationSeconds",
+    "ModelBytes",
+    "Epsilon",
+)
+ASYNC_METRICS = ("UpdateApplied", "Staleness", "VersionLagSeconds", "BufferFill", "ConflictRetries")
+REJECTED_METRIC = "UpdatesRejected"
+REJECTED_DIMENSION = "reason"
+DASHBOARD_PERIOD_MINUTES = 5
+DEFAULT_STALL_MINUTES = 30
+DEFAULT_LOG_RETENTION_DAYS = 30

@@ -1,0 +1,1 @@
+"""The constructs the fedstream stack is composed of, one concern each."""

@@ -1,0 +1,126 @@
+"""The model-events topic, one queue per client, the finalize queue and the dead-letter queues."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from aws_cdk import Duration
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_sns as sns
+from aws_cdk import aws_sqs as sqs
+from constructs import Construct
+
+from stacks import constants
+from stacks.constructs.nag import acknowledge
+
+
+class Messaging(Construct):
+    """Everything that carries a message.
+
+    ``topic``: "global model ready" / "training complete", fanned out to ``client_queues`` (raw
+    delivery, so a client reads the JSON message itself). A client queue accepts messages from
+    this topic only. ``finalize_queue`` (sync mode only) carries the state machine's "the round's
+    deadline passed" to the finalize function. ``stream_failures`` receives the records the stream
+    handlers gave up on. Every queue and the topic are encrypted with the stack key, TLS only.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        key: kms.IKey,
+        client_ids: Sequence[str],
+        with_finalize_queue: bool,
+        finalize_visibility: Duration,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        self._key = key
+        self.topic = sns.Topic(
+            self, "ModelEvents", display_name="fedstream model events", master_key=key, enforce_ssl=True
+        )
+        self.client_dead_letters = self._dead_letter_queue("ClientDeadLetters")
+        self.client_queues = {client_id: self._client_queue(client_id) for client_id in client_ids}
+        self.finalize_dead_letters: sqs.Queue | None = None
+        self.finalize_queue: sqs.Queue | None = None
+        if with_finalize_queue:
+            self.finalize_dead_letters = self._dead_letter_queue("FinalizeDeadLetters")
+            self.finalize_queue = self._queue(
+                "Finalize",
+                visibility_timeout=finalize_visibility,
+                dead_letter_queue=sqs.DeadLetterQueue(
+                    max_receive_count=constants.FINALIZE_MAX_RECEIVE_COUNT, queue=self.finalize_dead_letters
+                ),
+            )
+        self.stream_failures = self._dead_letter_queue("StreamFailures")
+        acknowledge(
+            self.stream_failures,
+            "AwsSolutions-SQS3",
+            "The on-failure destination of the stream event source mappings is itself the last stop; "
+            "it keeps records 14 days and raises the DeadLettersNotEmpty alarm.",
+        )
+
+    @property
+    def dead_letter_queues(self) -> dict[str, sqs.Queue]:
+        queues = {"clients": self.client_dead_letters, "stream-failures": self.stream_failures}
+        if self.finalize_dead_letters is not None:
+            queues["finalize"] = self.finalize_dead_letters
+        return queues
+
+    def _queue(self, construct_id: str, **props) -> sqs.Queue:
+        return sqs.Queue(
+            self,
+            construct_id,
+            encryption=sqs.QueueEncryption.KMS,
+            encryption_master_key=self._key,
+            data_key_reuse=Duration.minutes(15),
+            enforce_ssl=True,
+            **props,
+        )
+
+    def _dead_letter_queue(self, construct_id: str) -> sqs.Queue:
+        return self._queue(construct_id, retention_period=Duration.days(constants.DLQ_RETENTION_DAYS))
+
+    def _client_queue(self, client_id: str) -> sqs.Queue:
+        queue = self._queue(
+            f"Client-{client_id}",
+            retention_period=Duration.days(constants.CLIENT_QUEUE_RETENTION_DAYS),
+            visibility_timeout=Duration.seconds(constants.CLIENT_QUEUE_VISIBILITY_SECONDS),
+            dead_letter_queue=sqs.DeadLetterQueue(
+                max_receive_count=constants.CLIENT_MAX_RECEIVE_COUNT, queue=self.client_dead_letters
+            ),
+        )
+        # Built by hand rather than with SqsSubscription: that one writes the topic's ARN into the key
+        # policy, and the topic is encrypted with the same key (a dependency cycle). The key lets SNS
+        # deliver from this account's topics (EncryptionKey); the queue policy below admits only ours.
+        allowed = queue.add_to_resource_policy(
+            iam.PolicyStatement(
+                sid="TheModelEventsTopicSends",
+                principals=[iam.ServicePrincipal("sns.amazonaws.com")],
+                actions=["sqs:SendMessage"],
+                resources=[queue.queue_arn],
+                conditions={"ArnEquals": {"aws:SourceArn": self.topic.topic_arn}},
+            )
+        )
+        queue.add_to_resource_policy(
+            iam.PolicyStatement(
+                sid="NothingElseSends",
+                effect=iam.Effect.DENY,
+                principals=[iam.AnyPrincipal()],
+                actions=["sqs:SendMessage"],
+                resources=[queue.queue_arn],
+                conditions={"ArnNotEquals": {"aws:SourceArn": self.topic.topic_arn}},
+            )
+        )
+        subscription = sns.Subscription(
+            self,
+            f"Client-{client_id}-Subscription",
+            topic=self.topic,
+            endpoint=queue.queue_arn,
+            protocol=sns.SubscriptionProtocol.SQS,
+            raw_message_delivery=True,
+        )
+        if allowed.policy_dependable is not None:
+            subscription.node.add_dependency(allowed.policy_dependable)
+        return queue

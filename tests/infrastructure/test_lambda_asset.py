@@ -1,0 +1,179 @@
+"""The Lambda asset: what goes in, its hash, and (slow, needs PyPI) a real build imported by CPython.
+
+Deselect the build with ``-m "not slow"``.
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from aws_cdk import App, Stack
+from aws_cdk import aws_lambda as lambda_
+
+from stacks import constants
+from stacks.bundling import (
+    BundlingError,
+    LambdaAssetSpec,
+    directory_size,
+    lambda_code,
+    lambda_requirements,
+    pip_platforms,
+)
+from tests.infrastructure.conftest import REPO_ROOT
+
+HANDLERS = (constants.HANDLER_AGGREGATE, constants.HANDLER_FINALIZE, constants.HANDLER_ASYNC_UPDATE)
+
+
+def requirement_names(requirements: tuple[str, ...]) -> set[str]:
+    return {r.split(">")[0].split("=")[0].split("<")[0].strip().lower() for r in requirements}
+
+
+def test_the_asset_carries_the_core_and_server_dependencies():
+    names = requirement_names(lambda_requirements("fedavg"))
+    assert {"numpy", "safetensors", "pluggy", "pydantic", "aws-lambda-powertools[tracer]", "boto3"} <= names
+
+
+def test_dp_accounting_ships_only_with_the_dp_noise_aggregator():
+    assert "dp-accounting" not in requirement_names(lambda_requirements("fedavg"))
+    assert "dp-accounting" not in requirement_names(lambda_requirements("fedasync"))
+    assert "dp-accounting" in requirement_names(lambda_requirements("dp-noise"))
+
+
+def test_pip_targets_every_manylinux_the_lambda_glibc_runs():
+    platforms = pip_platforms("x86_64")
+    assert platforms[0] == "manylinux_2_34_x86_64"
+    assert "manylinux_2_17_x86_64" in platforms and platforms[-1] == "manylinux2014_x86_64"
+
+
+def test_the_pip_command_builds_wheels_for_the_lambda_runtime(tmp_path: Path):
+    command = LambdaAssetSpec.for_aggregator("fedavg").pip_command(tmp_path)
+    assert command[command.index("--python-version") + 1] == constants.LAMBDA_PYTHON_VERSION
+    assert "--only-binary=:all:" in command and command[command.index("--target") + 1] == str(tmp_path)
+
+
+def copy_sources(root: Path) -> Path:
+    for package in constants.LAMBDA_PACKAGES:
+        shutil.copytree(REPO_ROOT / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def test_a_plugin_dropped_into_plugins_changes_the_asset_hash(tmp_path: Path):
+    # GIVEN the asset's sources
+    spec = LambdaAssetSpec(requirements=("numpy",), source_root=copy_sources(tmp_path))
+    before = spec.fingerprint()
+    # WHEN a user drops a plugin module into plugins/
+    (tmp_path / "plugins" / "my_aggregator.py").write_text("# a user's aggregator\n")
+    # THEN the asset hash changes, so the next cdk deploy ships it
+    assert spec.fingerprint() != before
+    (tmp_path / "plugins" / "__pycache__").mkdir(exist_ok=True)
+    (tmp_path / "plugins" / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"\0")
+    assert spec.fingerprint() == LambdaAssetSpec(requirements=("numpy",), source_root=tmp_path).fingerprint()
+
+
+def test_a_prebuilt_asset_without_the_packages_is_refused(tmp_path: Path):
+    with pytest.raises(BundlingError, match="lacks the packages"):
+        lambda_code(LambdaAssetSpec(requirements=()), str(tmp_path))
+
+
+@pytest.mark.parametrize("handler", HANDLERS)
+def test_every_handler_the_stack_names_exists(handler: str):
+    module, function = handler.rsplit(".", 1)
+    path = REPO_ROOT / (module.replace(".", "/") + ".py")
+    if not path.exists():
+        pytest.skip(f"{path.relative_to(REPO_ROOT)} is not written yet (the stack already deploys {handler})")
+    names = {node.name for node in ast.parse(path.read_text()).body if isinstance(node, ast.FunctionDef)}
+    assert function in names
+
+
+def lambda_python() -> str | None:
+    """A local CPython of the Lambda runtime's version, to import the built asset with."""
+    version = constants.LAMBDA_PYTHON_VERSION
+    candidates = [os.environ.get("FEDSTREAM_LAMBDA_PYTHON", ""), shutil.which(f"python{version}") or ""]
+    pyenv_root = os.environ.get("PYENV_ROOT", str(Path.home() / ".pyenv"))
+    candidates += sorted(glob.glob(f"{pyenv_root}/versions/{version}*/bin/python{version}"), reverse=True)
+    for candidate in filter(None, candidates):
+        probe = subprocess.run(
+            [candidate, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if probe.returncode == 0 and probe.stdout.strip() == version:
+            return candidate
+    return None
+
+
+IMPORT_PROBE = """
+import importlib, json, pathlib, sys
+root = pathlib.Path(sys.argv[1])
+handlers = json.loads(sys.argv[2])
+imported = []
+for handler in handlers:
+    module, function = handler.rsplit(".", 1)
+    if not (root / (module.replace(".", "/") + ".py")).exists():
+        continue
+    assert callable(getattr(importlib.import_module(module), function)), handler
+    imported.append(handler)
+for path in sorted((root / "handlers").glob("*.py")):
+    importlib.import_module("handlers." + path.stem)
+from fedstream.registry import default_registry
+import dp_accounting, numpy, pydantic_core, safetensors.numpy  # native wheels load
+print(json.dumps({"handlers": imported, "aggregators": default_registry().names(),
+                  "numpy": numpy.__version__, "file": numpy.__file__}))
+"""
+
+
+@pytest.mark.slow
+def test_the_built_asset_imports_every_handler_on_the_lambda_python(tmp_path: Path):
+    python = lambda_python()
+    if python is None:
+        pytest.skip(f"no local CPython {constants.LAMBDA_PYTHON_VERSION} to import the asset with")
+    # GIVEN the asset built by CDK's local bundling (pip, no Docker) for the largest aggregator
+    spec = LambdaAssetSpec.for_aggregator("dp-noise")
+    app = App(outdir=str(tmp_path / "cdk.out"))
+    stack = Stack(app, "AssetProbe")
+    lambda_.Function(
+        stack,
+        "Probe",
+        runtime=constants.LAMBDA_RUNTIME,
+        architecture=constants.LAMBDA_ARCHITECTURE,
+        handler=constants.HANDLER_AGGREGATE,
+        code=lambda_code(spec),
+    )
+    app.synth()
+    manifest = json.loads((tmp_path / "cdk.out" / "AssetProbe.assets.json").read_text())
+    (code,) = [f for f in manifest["files"].values() if f["displayName"] == "Probe/Code"]
+    asset = tmp_path / "cdk.out" / code["source"]["path"]
+    assert (asset / "handlers" / "__init__.py").is_file()
+    assert directory_size(asset) < constants.LAMBDA_UNZIPPED_LIMIT_BYTES
+    # WHEN every handler module is imported from it alone (-S: no site-packages, a clean cwd)
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "PYTHONPATH": str(asset),
+        "AWS_DEFAULT_REGION": "eu-west-1",
+        "POWERTOOLS_TRACE_DISABLED": "1",
+        "FEDSTREAM_DISABLE_PLUGIN_AUTOLOAD": "",
+    }
+    result = subprocess.run(
+        [python, "-S", "-c", IMPORT_PROBE, str(asset), json.dumps(HANDLERS)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    # THEN they import, the plugins register and the native wheels load from the asset
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["file"].startswith(str(asset))
+    written = [h for h in HANDLERS if (REPO_ROOT / (h.rsplit(".", 1)[0].replace(".", "/") + ".py")).exists()]
+    assert report["handlers"] == written and constants.HANDLER_AGGREGATE in written
+    assert {"fedavg", "fedprox", "dp-noise", "fedasync", "fedbuff"} <= set(report["aggregators"])

@@ -1,0 +1,413 @@
+"""What each mode deploys: storage, messaging, functions, orchestration, dashboard, alarms, outputs."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pytest
+from aws_cdk.assertions import Match
+
+from fedstream.settings import ClientSettings, HandlerSettings
+from stacks import constants
+from tests.infrastructure.conftest import CLIENTS, Synth, render
+
+
+def only(resources: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    assert len(resources) == 1, sorted(resources)
+    return next(iter(resources.values()))["Properties"]
+
+
+def logical_id(synth: Synth, resource_type: str, path_part: str) -> str:
+    matches = [
+        k
+        for k, v in synth.resources(resource_type).items()
+        if path_part in v.get("Metadata", {}).get("aws:cdk:path", k)
+    ]
+    assert len(matches) == 1, (resource_type, path_part, matches)
+    return matches[0]
+
+
+def key_arn(synth: Synth) -> dict[str, Any]:
+    return {"Fn::GetAtt": [next(iter(synth.resources("AWS::KMS::Key"))), "Arn"]}
+
+
+# -- encryption --------------------------------------------------------------------------------
+
+
+def test_one_customer_key_with_rotation(synth: Synth):
+    key = only(synth.resources("AWS::KMS::Key"))
+    assert key["EnableKeyRotation"] is True
+
+
+def test_every_queue_topic_bucket_table_and_log_group_is_encrypted(synth: Synth):
+    key = key_arn(synth)
+    for queue_id, queue in synth.resources("AWS::SQS::Queue").items():
+        assert queue["Properties"]["KmsMasterKeyId"] == key, queue_id
+    for topic_id, topic in synth.resources("AWS::SNS::Topic").items():
+        assert topic["Properties"]["KmsMasterKeyId"] == key, topic_id
+    for table_id, table in synth.resources("AWS::DynamoDB::Table").items():
+        assert table["Properties"]["SSESpecification"] == {
+            "KMSMasterKeyId": key,
+            "SSEEnabled": True,
+            "SSEType": "KMS",
+        }, table_id
+    for group_id, group in synth.resources("AWS::Logs::LogGroup").items():
+        assert group["Properties"]["KmsKeyId"] == key, group_id
+    buckets = synth.resources("AWS::S3::Bucket")
+    assert len(buckets) == 2
+    for bucket_id, bucket in buckets.items():
+        rules = bucket["Properties"]["BucketEncryption"]["ServerSideEncryptionConfiguration"]
+        assert rules and rules[0]["ServerSideEncryptionByDefault"]["SSEAlgorithm"] in {"aws:kms", "AES256"}, (
+            bucket_id
+        )
+
+
+# -- storage -----------------------------------------------------------------------------------
+
+
+def test_model_bucket_is_kms_versioned_private_and_tls_only(synth: Synth):
+    models = logical_id(synth, "AWS::S3::Bucket", "Storage/Models")
+    props = synth.resources("AWS::S3::Bucket")[models]["Properties"]
+    encryption = props["BucketEncryption"]["ServerSideEncryptionConfiguration"][0]
+    assert encryption["ServerSideEncryptionByDefault"] == {
+        "SSEAlgorithm": "aws:kms",
+        "KMSMasterKeyID": key_arn(synth),
+    }
+    assert encryption["BucketKeyEnabled"] is True
+    assert props["VersioningConfiguration"] == {"Status": "Enabled"}
+    assert props["PublicAccessBlockConfiguration"] == dict.fromkeys(
+        ("BlockPublicAcls", "BlockPublicPolicy", "IgnorePublicAcls", "RestrictPublicBuckets"), True
+    )
+    assert "LoggingConfiguration" in props
+    policy = next(
+        p["Properties"]["PolicyDocument"]
+        for p in synth.resources("AWS::S3::BucketPolicy").values()
+        if p["Properties"]["Bucket"] == {"Ref": models}
+    )
+    assert any(
+        s["Effect"] == "Deny" and s["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+        for s in policy["Statement"]
+    )
+
+
+def test_old_client_updates_expire_by_tag_and_old_versions_are_cleaned(synth: Synth):
+    models = logical_id(synth, "AWS::S3::Bucket", "Storage/Models")
+    rules = {
+        r["Id"]: r
+        for r in synth.resources("AWS::S3::Bucket")[models]["Properties"]["LifecycleConfiguration"]["Rules"]
+    }
+    tag_key, tag_value = constants.UPDATE_OBJECT_TAG
+    updates = rules["expire-client-updates"]
+    assert updates["TagFilters"] == [{"Key": tag_key, "Value": tag_value}]
+    assert updates["ExpirationInDays"] == 30 and updates["Status"] == "Enabled"
+    tidy = rules["tidy-versions-and-uploads"]
+    assert tidy["NoncurrentVersionExpiration"]["NoncurrentDays"] == constants.NONCURRENT_VERSION_DAYS
+    assert tidy["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"] == 1
+
+
+def test_updates_table_is_keyed_by_client_and_streams_new_images(synth: Synth):
+    synth.template.has_resource_properties(
+        "AWS::DynamoDB::Table",
+        {
+            "KeySchema": [
+                {"AttributeName": "client_id", "KeyType": "HASH"},
+                {"AttributeName": "update_id", "KeyType": "RANGE"},
+            ],
+            "BillingMode": "PAY_PER_REQUEST",
+            "StreamSpecification": {"StreamViewType": "NEW_IMAGE"},
+            "PointInTimeRecoverySpecification": {"PointInTimeRecoveryEnabled": True},
+        },
+    )
+
+
+def test_run_table_is_keyed_by_run_and_sort_key(synth: Synth):
+    synth.template.has_resource_properties(
+        "AWS::DynamoDB::Table",
+        {
+            "KeySchema": [
+                {"AttributeName": "run_id", "KeyType": "HASH"},
+                {"AttributeName": "sk", "KeyType": "RANGE"},
+            ],
+            "BillingMode": "PAY_PER_REQUEST",
+            "PointInTimeRecoverySpecification": {"PointInTimeRecoveryEnabled": True},
+            "StreamSpecification": Match.absent(),
+        },
+    )
+
+
+def test_data_survives_cdk_destroy_by_default(synth: Synth):
+    for resource_type in ("AWS::DynamoDB::Table", "AWS::S3::Bucket", "AWS::KMS::Key"):
+        for resource_id, resource in synth.resources(resource_type).items():
+            assert resource["DeletionPolicy"] == "Retain", resource_id
+    for table in synth.resources("AWS::DynamoDB::Table").values():
+        assert table["Properties"]["DeletionProtectionEnabled"] is True
+
+
+# -- messaging ---------------------------------------------------------------------------------
+
+
+def test_one_queue_per_client_with_a_dead_letter_queue_and_raw_delivery(synth: Synth):
+    queues = {
+        client: logical_id(synth, "AWS::SQS::Queue", f"Messaging/Client-{client}/") for client in CLIENTS
+    }
+    dead_letters = logical_id(synth, "AWS::SQS::Queue", "Messaging/ClientDeadLetters/")
+    topic = logical_id(synth, "AWS::SNS::Topic", "Messaging/ModelEvents/")
+    subscriptions = synth.resources("AWS::SNS::Subscription")
+    assert len(subscriptions) == len(CLIENTS)
+    for client, queue_id in queues.items():
+        queue = synth.resources("AWS::SQS::Queue")[queue_id]["Properties"]
+        assert queue["RedrivePolicy"]["deadLetterTargetArn"] == {"Fn::GetAtt": [dead_letters, "Arn"]}, client
+        assert queue["RedrivePolicy"]["maxReceiveCount"] == constants.CLIENT_MAX_RECEIVE_COUNT
+        (subscription,) = [
+            s["Properties"]
+            for s in subscriptions.values()
+            if s["Properties"]["Endpoint"] == {"Fn::GetAtt": [queue_id, "Arn"]}
+        ]
+        assert subscription["Protocol"] == "sqs" and subscription["RawMessageDelivery"] is True
+        assert subscription["TopicArn"] == {"Ref": topic}
+
+
+def test_a_client_queue_accepts_messages_from_the_model_topic_only(synth: Synth):
+    topic = {"Ref": logical_id(synth, "AWS::SNS::Topic", "Messaging/ModelEvents/")}
+    for client in CLIENTS:
+        queue_id = logical_id(synth, "AWS::SQS::Queue", f"Messaging/Client-{client}/")
+        (policy,) = [
+            p["Properties"]["PolicyDocument"]["Statement"]
+            for p in synth.resources("AWS::SQS::QueuePolicy").values()
+            if p["Properties"]["Queues"] == [{"Ref": queue_id}]
+        ]
+        allows = [s for s in policy if s["Effect"] == "Allow"]
+        assert allows == [
+            {
+                "Action": "sqs:SendMessage",
+                "Condition": {"ArnEquals": {"aws:SourceArn": topic}},
+                "Effect": "Allow",
+                "Principal": {"Service": "sns.amazonaws.com"},
+                "Resource": {"Fn::GetAtt": [queue_id, "Arn"]},
+                "Sid": "TheModelEventsTopicSends",
+            }
+        ]
+        assert any(
+            s["Effect"] == "Deny"
+            and s["Action"] == "sqs:SendMessage"
+            and s["Principal"] == {"AWS": "*"}
+            and s["Condition"] == {"ArnNotEquals": {"aws:SourceArn": topic}}
+            for s in policy
+        ), client
+
+
+def test_sync_has_the_state_machine_and_finalize_queue_async_has_neither(
+    sync_synth: Synth, async_synth: Synth
+):
+    assert len(sync_synth.resources("AWS::StepFunctions::StateMachine")) == 1
+    assert logical_id(sync_synth, "AWS::SQS::Queue", "Messaging/Finalize/")
+    assert async_synth.resources("AWS::StepFunctions::StateMachine") == {}
+    paths = [v["Metadata"]["aws:cdk:path"] for v in async_synth.resources("AWS::SQS::Queue").values()]
+    assert not [p for p in paths if "Finalize" in p]
+
+
+# -- functions ---------------------------------------------------------------------------------
+
+HANDLERS = {
+    "sync": {constants.HANDLER_AGGREGATE, constants.HANDLER_FINALIZE},
+    "async": {constants.HANDLER_ASYNC_UPDATE},
+}
+
+
+def test_each_mode_deploys_its_handlers(synth: Synth):
+    functions = synth.resources("AWS::Lambda::Function").values()
+    assert {f["Properties"]["Handler"] for f in functions} == HANDLERS[synth.mode]
+
+
+def test_functions_are_sized_traced_and_on_the_stated_runtime(synth: Synth):
+    for function in synth.resources("AWS::Lambda::Function").values():
+        props = function["Properties"]
+        assert props["Runtime"] == constants.LAMBDA_RUNTIME.name == "python3.13"
+        assert props["Architectures"] == ["x86_64"]
+        assert props["MemorySize"] == synth.stack.config.memory_mb >= 1024
+        assert props["Timeout"] >= 300
+        assert props["TracingConfig"] == {"Mode": "Active"}
+        assert "LoggingConfig" in props
+
+
+def test_function_environment_is_the_handler_settings(synth: Synth):
+    for function in synth.resources("AWS::Lambda::Function").values():
+        env = function["Properties"]["Environment"]["Variables"]
+        # Resource references become placeholder strings; everything else must load as-is.
+        settings = HandlerSettings.from_env(render(env))
+        assert settings.mode == synth.mode
+        assert settings.aggregator == synth.stack.config.aggregator
+        assert settings.client_ids == CLIENTS
+        assert settings.max_model_bytes == synth.stack.config.max_model_mb * 2**20
+        assert env["POWERTOOLS_METRICS_NAMESPACE"] == constants.METRIC_NAMESPACE
+        fedstream_vars = {k for k in env if k.startswith("FEDSTREAM_")}
+        assert fedstream_vars == set(settings.to_env())
+
+
+def test_sync_aggregator_parameters_reach_the_functions(sync_synth: Synth):
+    for function in sync_synth.resources("AWS::Lambda::Function").values():
+        env = function["Properties"]["Environment"]["Variables"]
+        assert json.loads(env["FEDSTREAM_AGGREGATOR_PARAMS"])["mu"] == 0.05
+
+
+def test_stream_mappings_report_item_failures_bisect_retry_boundedly_and_keep_failures(synth: Synth):
+    failures = {"Fn::GetAtt": [logical_id(synth, "AWS::SQS::Queue", "Messaging/StreamFailures/"), "Arn"]}
+    streams = [
+        m["Properties"]
+        for m in synth.resources("AWS::Lambda::EventSourceMapping").values()
+        if "StreamArn" in json.dumps(m["Properties"]["EventSourceArn"])
+    ]
+    assert len(streams) == 1
+    for mapping in streams:
+        assert mapping["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+        assert mapping["BisectBatchOnFunctionError"] is True
+        assert mapping["MaximumRetryAttempts"] == constants.STREAM_RETRY_ATTEMPTS
+        assert mapping["DestinationConfig"] == {"OnFailure": {"Destination": failures}}
+        assert mapping["StartingPosition"] == "TRIM_HORIZON"
+        assert mapping["FilterCriteria"] == {"Filters": [{"Pattern": '{"eventName":["INSERT"]}'}]}
+
+
+def test_async_processes_one_batch_per_shard_at_a_time(async_synth: Synth):
+    (mapping,) = async_synth.resources("AWS::Lambda::EventSourceMapping").values()
+    assert mapping["Properties"]["ParallelizationFactor"] == 1
+
+
+def test_finalize_queue_feeds_the_finalize_function_with_partial_failures(sync_synth: Synth):
+    finalize_queue = logical_id(sync_synth, "AWS::SQS::Queue", "Messaging/Finalize/")
+    (mapping,) = [
+        m["Properties"]
+        for m in sync_synth.resources("AWS::Lambda::EventSourceMapping").values()
+        if m["Properties"]["EventSourceArn"] == {"Fn::GetAtt": [finalize_queue, "Arn"]}
+    ]
+    assert mapping["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    queue = sync_synth.resources("AWS::SQS::Queue")[finalize_queue]["Properties"]
+    assert queue["VisibilityTimeout"] >= 6 * constants.AGGREGATE_TIMEOUT_MINUTES * 60
+    assert queue["RedrivePolicy"]["maxReceiveCount"] == constants.FINALIZE_MAX_RECEIVE_COUNT
+
+
+# -- orchestration -----------------------------------------------------------------------------
+
+
+def test_state_machine_fills_the_placeholders_and_logs_and_traces(sync_synth: Synth):
+    machine = only(sync_synth.resources("AWS::StepFunctions::StateMachine"))
+    assert machine["DefinitionString"] == constants.STATE_MACHINE_DEFINITION.read_text()
+    assert machine["DefinitionSubstitutions"] == {
+        "TopicArn": {"Ref": logical_id(sync_synth, "AWS::SNS::Topic", "Messaging/ModelEvents/")},
+        "RunTable": {"Ref": logical_id(sync_synth, "AWS::DynamoDB::Table", "Storage/Runs/")},
+        "FinalizeQueueUrl": {"Ref": logical_id(sync_synth, "AWS::SQS::Queue", "Messaging/Finalize/")},
+    }
+    placeholders = set(re.findall(r"\$\{(\w+)\}", machine["DefinitionString"]))
+    assert placeholders == set(machine["DefinitionSubstitutions"])
+    assert machine["LoggingConfiguration"]["Level"] == "ALL"
+    assert machine["TracingConfiguration"] == {"Enabled": True}
+
+
+def test_state_machine_role_does_only_what_the_definition_calls(sync_synth: Synth):
+    role = logical_id(sync_synth, "AWS::IAM::Role", "Orchestration/Role/")
+    (policy,) = [
+        p["Properties"]["PolicyDocument"]["Statement"]
+        for p in sync_synth.resources("AWS::IAM::Policy").values()
+        if p["Properties"]["Roles"] == [{"Ref": role}]
+    ]
+    by_sid = {s.get("Sid"): s for s in policy}
+    assert sorted(by_sid["RunState"]["Action"]) == ["dynamodb:PutItem", "dynamodb:UpdateItem"]
+    assert by_sid["PublishModelEvents"]["Action"] == "sns:Publish"
+    assert by_sid["RequestFinalize"]["Action"] == "sqs:SendMessage"
+    wildcard = [s for s in policy if s["Resource"] == "*"]
+    assert all(a.startswith(("logs:", "xray:")) for s in wildcard for a in s["Action"])
+
+
+# -- observability -----------------------------------------------------------------------------
+
+
+def dashboard_body(synth: Synth) -> str:
+    return render(only(synth.resources("AWS::CloudWatch::Dashboard"))["DashboardBody"])
+
+
+@pytest.mark.parametrize(
+    ("mode", "metrics"),
+    [("sync", constants.SYNC_METRICS), ("async", constants.ASYNC_METRICS)],
+)
+def test_dashboard_graphs_the_modes_metrics(synth_mode, mode, metrics):
+    widgets = json.loads(dashboard_body(synth_mode(mode)))["widgets"]
+    expressions = [
+        m[0]["expression"]
+        for w in widgets
+        for m in w.get("properties", {}).get("metrics", [])
+        if isinstance(m[0], dict) and "expression" in m[0]
+    ]
+    for metric in (*metrics, constants.REJECTED_METRIC):
+        assert any(f'Namespace="fedstream" MetricName="{metric}"' in e for e in expressions), metric
+    rejected = [
+        m[0]
+        for w in widgets
+        for m in w.get("properties", {}).get("metrics", [])
+        if isinstance(m[0], dict) and constants.REJECTED_METRIC in m[0].get("expression", "")
+    ]
+    assert rejected[0]["label"] == "${PROP('Dim.reason')}"
+    titles = {w.get("properties", {}).get("title") for w in widgets}
+    assert {"Dead-letter queue depth", "Rejected updates by reason", "Alarms"} <= titles
+
+
+def alarms(synth: Synth) -> dict[str, dict[str, Any]]:
+    return {
+        v["Metadata"]["aws:cdk:path"].split("/")[-2]: v["Properties"]
+        for v in synth.resources("AWS::CloudWatch::Alarm").values()
+    }
+
+
+def test_alarms_cover_dead_letters_stalls_and_failed_runs(sync_synth: Synth, async_synth: Synth):
+    assert set(alarms(sync_synth)) == {
+        "DeadLettersNotEmpty-clients",
+        "DeadLettersNotEmpty-stream-failures",
+        "DeadLettersNotEmpty-finalize",
+        "ExecutionFailed",
+        "NoUpdates",
+    }
+    assert set(alarms(async_synth)) == {
+        "DeadLettersNotEmpty-clients",
+        "DeadLettersNotEmpty-stream-failures",
+        "NoUpdates",
+    }
+    topic = {"Ref": logical_id(sync_synth, "AWS::SNS::Topic", "Observability/Alarms/")}
+    for name, alarm in alarms(sync_synth).items():
+        assert alarm["AlarmActions"] == [topic], name
+    no_updates = alarms(sync_synth)["NoUpdates"]
+    assert no_updates["ComparisonOperator"] == "LessThanThreshold"
+    (stat,) = [m["MetricStat"] for m in no_updates["Metrics"]]
+    assert stat["Metric"]["MetricName"] == "SuccessfulRequestLatency" and stat["Stat"] == "SampleCount"
+    assert {"Name": "Operation", "Value": "PutItem"} in stat["Metric"]["Dimensions"]
+    assert no_updates["EvaluationPeriods"] * stat["Period"] == constants.DEFAULT_STALL_MINUTES * 60
+
+
+# -- outputs -----------------------------------------------------------------------------------
+
+
+def test_each_client_gets_a_client_settings_config_and_its_role(synth: Synth):
+    outputs = synth.json["Outputs"]
+    for client in CLIENTS:
+        name = "".join(part.capitalize() for part in client.split("-"))
+        config = json.loads(render(outputs[f"Client{name}Config"]["Value"]))
+        settings = ClientSettings.model_validate(config)
+        assert settings.client_id == client
+        queue = logical_id(synth, "AWS::SQS::Queue", f"Messaging/Client-{client}/")
+        assert settings.queue_url == f"<{queue}>"
+        assert outputs[f"Client{name}RoleArn"]["Value"]["Fn::GetAtt"][1] == "Arn"
+
+
+def test_sync_outputs_the_run_input_with_the_aggregators_client_settings(
+    sync_synth: Synth, async_synth: Synth
+):
+    outputs = sync_synth.json["Outputs"]
+    run_input = json.loads(outputs["RunInputDefaults"]["Value"])
+    assert run_input == {
+        "rounds": 5,
+        "min_clients": 2,
+        "round_timeout": 900,
+        "target_accuracy": 2.0,
+        "client_settings": {"proximal_mu": 0.05},
+    }
+    assert "StateMachineArn" in outputs
+    assert "StateMachineArn" not in async_synth.json["Outputs"]
