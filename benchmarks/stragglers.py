@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.85)
     parser.add_argument("--dataset", default="mnist-5k")
     parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--updates", type=int, default=60)
+    parser.add_argument("--updates", type=int, default=90)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-stragglers"))
     args = parser.parse_args()
@@ -49,32 +49,34 @@ def main() -> None:
         target_accuracy=None,
     )
     results = {}
-    for mode, aggregator in (("sync", "fedavg"), ("async", "fedasync")):
+    for mode, aggregator in (("sync", "fedavg"), ("async", "fedasync"), ("async", "fedbuff")):
         config = LocalRunConfig(
             mode=mode,
             aggregator=aggregator,
             rounds=args.rounds,
             updates=args.updates,
-            out=args.out / mode,
+            out=args.out / aggregator,
             **common,
         )
         summary = run_local(config)
         seconds, version = time_to(summary.rounds, args.target)
-        results[mode] = {
+        results[aggregator] = {
+            "mode": mode,
             "status": summary.status,
             "seconds_to_target": seconds,
             "versions_to_target": version,
             "final_accuracy": summary.accuracies[-1] if summary.accuracies else None,
             "wall_seconds": summary.wall_seconds,
+            "counts": summary.counts,
         }
     print(json.dumps(results, indent=2))
-    sync_s, async_s = results["sync"]["seconds_to_target"], results["async"]["seconds_to_target"]
-    print(
-        f"{args.clients} clients, {args.stragglers} stragglers x{args.factor}, target {args.target}: "
-        f"sync {sync_s if sync_s is None else round(sync_s, 1)} s, "
-        f"async {async_s if async_s is None else round(async_s, 1)} s"
-        + (f", async/sync = {async_s / sync_s:.2f}" if sync_s and async_s else "")
-    )
+    sync_s = results["fedavg"]["seconds_to_target"]
+    print(f"{args.clients} clients, {args.stragglers} stragglers x{args.factor}, target {args.target}:")
+    for name, result in results.items():
+        seconds = result["seconds_to_target"]
+        ratio = f"  ({seconds / sync_s:.2f} x sync)" if seconds and sync_s and name != "fedavg" else ""
+        shown = "not reached" if seconds is None else f"{seconds:.1f} s"
+        print(f"  {name:9s} {shown}{ratio}")
 
 
 if __name__ == "__main__":

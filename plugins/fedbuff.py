@@ -30,7 +30,7 @@ class FedBuffParams(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
     buffer_size: int = pydantic.Field(3, ge=1, description="K: updates buffered before one server step")
     server_lr: float = pydantic.Field(1.0, gt=0, description="server learning rate eta_g")
-    max_staleness: int = pydantic.Field(20, ge=0, description="reject updates staler than this")
+    max_staleness: int = pydantic.Field(50, ge=0, description="reject updates staler than this")
 
 
 class FedBuff(Aggregator):
@@ -48,13 +48,7 @@ class FedBuff(Aggregator):
         staleness: int,
         state: AsyncState | None = None,
     ) -> AsyncResult:
-        if staleness < 0:
-            raise AggregationError("bad_staleness", f"staleness must be >= 0, got {staleness}")
-        if staleness > self.max_staleness:
-            raise AggregationError(
-                "stale",
-                f"update from {update.client_id!r} is {staleness} versions stale (max {self.max_staleness})",
-            )
+        self.check_staleness(update, staleness)
         if update.base_weights is None:
             raise AggregationError(
                 "missing_base_weights", f"fedbuff needs the base weights of {update.client_id!r}'s update"

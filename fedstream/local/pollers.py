@@ -88,8 +88,10 @@ class StreamPoller(Poller):
         batch_size: int = 10,
         max_retries: int = 3,
         idle_sleep: float = 0.1,
+        dead_letter: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         super().__init__(f"stream-poller-{function_name}")
+        self.dead_letter = dead_letter
         self.streams, self.stream_arn, self.handler = streams, stream_arn, handler
         self.function_name, self.batch_size, self.max_retries = function_name, batch_size, max_retries
         self.idle_sleep = idle_sleep
@@ -157,7 +159,9 @@ class StreamPoller(Poller):
             attempts += 1
             if attempts > self.max_retries:
                 self.dead_letters.append(records[0])
-                log.error("record %s sent to the dead-letter list", records[0].get("eventID"))
+                if self.dead_letter is not None:
+                    self.dead_letter(records[0])
+                log.error("record %s sent to the dead-letter queue", records[0].get("eventID"))
                 records, attempts = records[1:], 0
             else:
                 time.sleep(min(2.0, 0.1 * 2**attempts))

@@ -273,11 +273,14 @@ def _run_async(
         max_seconds=config.max_seconds,
     )
     rows: list[RoundRow] = []
-    seen = 0
+    seen, last_eval = 0, 0.0
     while True:
         state = store.run_state(run_id) or {}
-        if int(state.get("version", 0)) != seen:
-            seen = int(state["version"])
+        version = int(state.get("version", 0))
+        finished = state.get("status") != "RUNNING"
+        # Central evaluation costs CPU the clients need: at most twice a second, and the last one.
+        if version != seen and (finished or time.monotonic() - last_eval >= 0.5):
+            seen, last_eval = version, time.monotonic()
             weights, _ = decode(store.get_bytes(str(state["global_key"])))
             test = evaluator.evaluate(weights)
             reported = json.loads(state.get("last_metrics") or "{}")
@@ -312,8 +315,20 @@ def _start_pollers(aws: EmbeddedAWS, resources: Resources, mode: str) -> list[Po
     from handlers import aggregate, async_update, finalize
 
     stream_handler = async_update.lambda_handler if mode == "async" else aggregate.lambda_handler
+    sqs = aws.client("sqs")
+
+    def dead_letter(record: dict[str, Any]) -> None:
+        """Like an event source mapping's on-failure destination: the record's details go to the DLQ."""
+        sqs.send_message(QueueUrl=resources.dlq_url, MessageBody=json.dumps(record, default=str))
+
     pollers: list[Poller] = [
-        StreamPoller(aws.client("dynamodbstreams"), resources.stream_arn, stream_handler, f"{mode}-stream")
+        StreamPoller(
+            aws.client("dynamodbstreams"),
+            resources.stream_arn,
+            stream_handler,
+            f"{mode}-stream",
+            dead_letter=dead_letter,
+        )
     ]
     if resources.finalize_queue_url:
         pollers.append(

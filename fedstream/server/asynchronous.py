@@ -220,6 +220,8 @@ def _apply(
 
 
 def _version_model(store: Store, run_id: str, version: int) -> Any:
+    if (cached := store.cached_global_model(run_id, version)) is not None:
+        return cached  # versions are write-once: a cached one is still the one
     item = store.runs.get_item(Key={"run_id": run_id, "sk": f"version#{version}"}, ConsistentRead=True).get(
         "Item"
     )
@@ -348,7 +350,12 @@ def _commit(
             raise ConditionFailed(condition) from exc
         raise
     if outcome.outcome == "applied":
-        fresh = store.run_state(run_id) or {}
+        # The conditional flip made this exactly the stored state (the rejected counter aside).
+        fresh = {
+            **state,
+            "version": outcome.version,
+            "applied": int(state.get("applied", 0)) + values[":applied"],
+        }
         settings_for_clients = json.loads(fresh.get("client_settings") or "{}")
         store.publish(
             ModelReady(

@@ -107,6 +107,10 @@ class Store:
     def put(self, key: str, data: bytes) -> None:
         self.s3.put_object(Bucket=self.settings.bucket, Key=key, Body=data)
 
+    def cached_global_model(self, run_id: str, version: int) -> GlobalModel | None:
+        with self._lock:
+            return self._models.get((run_id, version))
+
     def global_model(self, run_id: str, version: int, key: str | None = None) -> GlobalModel:
         cache_key = (run_id, version)
         with self._lock:
@@ -119,7 +123,7 @@ class Store:
         model = GlobalModel(version, key, sha256_hex(data), weights, metadata)
         with self._lock:
             self._models[cache_key] = model
-            while len(self._models) > 4:
+            while len(self._models) > 8:
                 self._models.popitem(last=False)
         return model
 

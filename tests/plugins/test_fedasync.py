@@ -66,8 +66,8 @@ def test_updates_staler_than_max_staleness_are_rejected(registry):
     assert "4 versions stale" in str(info.value)
 
 
-def test_default_max_staleness_is_10(registry):
-    assert registry.create("fedasync").max_staleness == 10
+def test_default_max_staleness_is_50(registry):
+    assert registry.create("fedasync").max_staleness == 50
 
 
 def test_fedasync_is_async_only_and_validates_its_parameters(registry):

@@ -106,5 +106,5 @@ def test_stale_updates_and_mismatched_state_are_refused(registry):
 
 def test_defaults(registry):
     info = {p["name"]: p["default"] for p in registry.info("fedbuff").parameters()}
-    assert info == {"buffer_size": 3, "server_lr": 1.0, "max_staleness": 20}
+    assert info == {"buffer_size": 3, "server_lr": 1.0, "max_staleness": 50}
     assert registry.info("fedbuff").modes == frozenset({"async"})
