@@ -126,6 +126,10 @@ def mlp(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
     return keras.Model(inputs, outputs, name="mlp")
 
 
+# The small MLP on 8x8 digits learns several times faster with a larger step than the CNN default.
+DEFAULT_KERAS_LEARNING_RATES = {"digits": 0.2}
+
+
 def default_model_for(dataset: str) -> ModelFn:
     """The built-in model for a dataset name: ``mlp`` for 8x8 ``digits``, ``small_cnn`` otherwise."""
     return mlp if dataset == "digits" else small_cnn
@@ -536,6 +540,8 @@ def build_trainer(
         if kind == "numpy":
             return NumpyTrainer(data, epochs=epochs, batch_size=batch_size, seed=seed, **rate)
         model_fn = default_model_for(dataset)
+        if not rate and dataset in DEFAULT_KERAS_LEARNING_RATES:
+            rate = {"learning_rate": DEFAULT_KERAS_LEARNING_RATES[dataset]}
         return KerasTrainer(model_fn, data, epochs=epochs, batch_size=batch_size, seed=seed, **rate)
     if ":" in kind:
         rate = {} if learning_rate is None else {"learning_rate": learning_rate}
