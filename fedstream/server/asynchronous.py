@@ -28,7 +28,7 @@ from fedstream import keys
 from fedstream.aggregation import AggregationError, AsyncState, ClientUpdate
 from fedstream.registry import AggregatorRegistry
 from fedstream.schemas import ModelReady, TrainingComplete, UpdateRecord
-from fedstream.server.store import ConditionFailed, Store, _to_dynamo, is_code
+from fedstream.server.store import ConditionFailed, Store, is_code, to_dynamo
 from fedstream.server.sync import Rejected, check_identity, load_update, parse_record
 from fedstream.settings import HandlerSettings
 from fedstream.weights import decode, encode, sha256_hex
@@ -145,7 +145,7 @@ def _record_rejection(store: Store, record: UpdateRecord, reason: str) -> None:
                 {
                     "Put": {
                         "TableName": store.settings.run_table,
-                        "Item": _typed(
+                        "Item": to_dynamo(
                             {**marker_key(record.run_id, record), "outcome": f"rejected:{reason}"}
                         ),
                         "ConditionExpression": "attribute_not_exists(run_id)",
@@ -154,7 +154,7 @@ def _record_rejection(store: Store, record: UpdateRecord, reason: str) -> None:
                 {
                     "Update": {
                         "TableName": store.settings.run_table,
-                        "Key": _typed({"run_id": record.run_id, "sk": STATE_KEY}),
+                        "Key": to_dynamo({"run_id": record.run_id, "sk": STATE_KEY}),
                         "UpdateExpression": "ADD received :one, rejected :one",
                         "ExpressionAttributeValues": {":one": 1},
                     }
@@ -309,7 +309,7 @@ def _commit(
             {
                 "Put": {
                     "TableName": settings.run_table,
-                    "Item": _typed(
+                    "Item": to_dynamo(
                         {
                             "run_id": run_id,
                             "sk": f"version#{new_version}",
@@ -329,16 +329,16 @@ def _commit(
         {
             "Update": {
                 "TableName": settings.run_table,
-                "Key": _typed({"run_id": run_id, "sk": STATE_KEY}),
+                "Key": to_dynamo({"run_id": run_id, "sk": STATE_KEY}),
                 "UpdateExpression": update,
                 "ConditionExpression": condition,
-                "ExpressionAttributeValues": _typed(values),
+                "ExpressionAttributeValues": to_dynamo(values),
             }
         },
         {
             "Put": {
                 "TableName": settings.run_table,
-                "Item": _typed(marker),
+                "Item": to_dynamo(marker),
                 "ConditionExpression": "attribute_not_exists(run_id)",
             }
         },
@@ -412,8 +412,3 @@ def end_run(store: Store, run_id: str, reason: str, version: int) -> bool:
         return False
     store.publish(TrainingComplete(run_id=run_id, reason="done", final_version=version).model_dump())
     return True
-
-
-def _typed(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Values for the resource-level client, which serialises them itself (floats as Decimal)."""
-    return _to_dynamo(values)

@@ -156,7 +156,7 @@ class Store:
             "Key": dict(key),
             "UpdateExpression": update,
             "ConditionExpression": condition,
-            "ExpressionAttributeValues": _to_dynamo(values),
+            "ExpressionAttributeValues": to_dynamo(values),
             "ReturnValues": "ALL_NEW",
         }
         if names:
@@ -192,7 +192,7 @@ class Store:
         self.sns.publish(TopicArn=self.settings.topic_arn, Message=json.dumps(message))
 
 
-def _to_dynamo(values: Mapping[str, Any]) -> dict[str, Any]:
+def to_dynamo(values: Mapping[str, Any]) -> dict[str, Any]:
     def convert(value: Any) -> Any:
         if isinstance(value, float):
             return Decimal(repr(value))
