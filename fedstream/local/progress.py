@@ -82,6 +82,7 @@ class Progress:
         if self._live:
             self._live.update(self._render())
             self._live.stop()
+            self.console.print()
 
     def summary(self, summary: Any) -> None:
         style = "green" if summary.status == "SUCCEEDED" else "red"
