@@ -27,6 +27,8 @@ class _Strict(BaseModel):
 
 
 class TrainingMetrics(_Strict):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
     train_loss: float | None = None
     train_accuracy: float | None = None
     eval_loss: float | None = None

@@ -148,7 +148,7 @@ def decode(
     try:
         header = json.loads(data[8 : 8 + header_len])
         arrays = _st_load(data)
-    except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
+    except (SafetensorError, ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise WireFormatError("malformed", f"payload is not valid safetensors: {exc}") from exc
     metadata = {str(k): str(v) for k, v in (header.get("__metadata__") or {}).items()}
     order = _tensor_order(metadata, arrays)

@@ -15,7 +15,7 @@ from fedstream.server import sync
 from fedstream.server.store import store_for
 from fedstream.settings import HandlerSettings
 from handlers.aggregate import emit_round_closed
-from handlers.observability import logger, metrics, tracer
+from handlers.observability import count_rejection, logger, metrics, tracer
 
 processor = BatchProcessor(event_type=EventType.SQS)
 
@@ -25,7 +25,11 @@ def record_handler(record: SQSRecord) -> None:
     try:
         request = FinalizeRequest.model_validate_json(record.body)
     except pydantic.ValidationError as exc:
-        logger.error("finalize request rejected: not a valid request", extra={"errors": exc.error_count()})
+        count_rejection(
+            "malformed_request",
+            message="finalize request rejected: not a valid request",
+            detail=f"{exc.error_count()} validation errors",
+        )
         return
     logger.append_keys(run_id=request.run_id, round=request.round, version=request.version)
     settings = HandlerSettings.from_env()

@@ -36,11 +36,11 @@ tracer = Tracer(service="fedstream")
 metrics = Metrics(namespace=NAMESPACE, service="fedstream")
 
 
-def count_rejection(reason: str, **context: object) -> None:
-    """One rejected update: a structured warning and an ``UpdatesRejected{reason}`` metric."""
+def count_rejection(reason: str, message: str = "update rejected", **context: object) -> None:
+    """One rejected input: a structured warning and an ``UpdatesRejected{reason}`` metric."""
     with single_metric(name="UpdatesRejected", unit=MetricUnit.Count, value=1, namespace=NAMESPACE) as metric:
         metric.add_dimension(name="reason", value=reason)
-    logger.warning("update rejected", extra={"reason": reason, **context})
+    logger.warning(message, extra={"reason": reason, **context})
 
 
 __all__ = ["MetricUnit", "count_rejection", "logger", "metrics", "tracer"]

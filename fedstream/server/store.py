@@ -172,7 +172,7 @@ class Store:
     def send_task_success(self, token: str, output: Mapping[str, Any]) -> bool:
         """False when the token is no longer waiting (timed out, or already answered)."""
         try:
-            self.sfn.send_task_success(taskToken=token, output=json.dumps(output))
+            self.sfn.send_task_success(taskToken=token, output=json.dumps(output, allow_nan=False))
         except ClientError as exc:
             if is_code(exc, "TaskTimedOut", "InvalidToken", "TaskDoesNotExist"):
                 return False

@@ -10,13 +10,14 @@ so whoever answers a task token (aggregate handler or finalize handler) sends th
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import pydantic
 
@@ -97,16 +98,36 @@ def check_identity(record: UpdateRecord, settings: HandlerSettings) -> None:
         )
 
 
-def load_update(store: Store, record: UpdateRecord, spec: ModelSpec) -> tuple[Any, int]:
+class ObjectRef(Protocol):
+    object_key: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ValidatedReport:
+    """What registration checked, kept on the round item; the close aggregates exactly this."""
+
+    object_key: str
+    sha256: str
+    num_examples: int
+    metrics: dict[str, float]
+
+    @classmethod
+    def of(cls, record: UpdateRecord) -> ValidatedReport:
+        return cls(record.object_key, record.sha256, record.num_examples, record.metrics.as_dict())
+
+
+def report_attribute(client_id: str) -> str:
+    return f"report#{client_id}"
+
+
+def load_update(store: Store, ref: ObjectRef, spec: ModelSpec) -> tuple[Any, int]:
     """Download, verify sha256 and decode an update against the global model's spec."""
     try:
-        data = store.get_bytes(record.object_key)
+        data = store.get_bytes(ref.object_key)
+        weights, _ = decode(data, spec, max_bytes=store.settings.max_model_bytes, expected_sha256=ref.sha256)
     except MissingObject as exc:
         raise Rejected("missing_object", str(exc)) from None
-    try:
-        weights, _ = decode(
-            data, spec, max_bytes=store.settings.max_model_bytes, expected_sha256=record.sha256
-        )
     except WireFormatError as exc:
         raise Rejected(exc.reason, str(exc)) from None
     return weights, len(data)
@@ -134,7 +155,13 @@ def register_report(store: Store, settings: HandlerSettings, record: UpdateRecor
         raise Rejected("duplicate", f"client {record.client_id!r} already reported for round {record.round}")
     load_update(store, record, store.global_model(record.run_id, record.base_version).spec)
 
-    values: dict[str, Any] = {":cid": {record.client_id}, ":one": 1, ":open": "open", ":c": record.client_id}
+    values: dict[str, Any] = {
+        ":cid": {record.client_id},
+        ":one": 1,
+        ":open": "open",
+        ":c": record.client_id,
+        ":report": json.dumps(asdict(ValidatedReport.of(record))),
+    }
     extra_update = extra_check = ""
     if record.task_token:
         values[":tok"] = record.task_token
@@ -143,10 +170,11 @@ def register_report(store: Store, settings: HandlerSettings, record: UpdateRecor
     try:
         item = store.conditional_update(
             _round_key(record.run_id, record.round),
-            f"ADD reported :cid, reported_count :one SET last_report_at = :at{extra_update}",
+            "ADD reported :cid, reported_count :one "
+            f"SET last_report_at = :at, #report = :report{extra_update}",
             f"#status = :open AND NOT contains(reported, :c){extra_check}",
             {**values, ":at": _now().isoformat()},
-            {"#status": "status"},
+            {"#status": "status", "#report": report_attribute(record.client_id)},
         )
     except ConditionFailed:
         raise _why_not_registered(store, record) from None
@@ -329,15 +357,15 @@ def _aggregate_and_publish(
     aggregator.begin(base.weights, RoundContext(round=round_number, carry=carry))
 
     clients = sorted(round_item.get("reported", []))
-    update_id = f"{run_id}#{base_version:010d}"
 
-    def fetch(client_id: str) -> tuple[UpdateRecord, Any, int]:
-        item = store.update_item(client_id, update_id)
-        if item is None:
-            raise Rejected("missing_record", f"no update record for {client_id} at version {base_version}")
-        record = UpdateRecord.model_validate(item)
-        weights, size = load_update(store, record, base.spec)
-        return record, weights, size
+    def fetch(client_id: str) -> tuple[ValidatedReport, Any, int]:
+        # The report as validated at registration: a record rewritten since then changes nothing.
+        stored = round_item.get(report_attribute(client_id))
+        if stored is None:
+            raise Rejected("missing_record", f"round {round_number} holds no report of {client_id}")
+        report = ValidatedReport(**json.loads(stored))
+        weights, size = load_update(store, report, base.spec)
+        return report, weights, size
 
     accepted: list[str] = []
     skipped: dict[str, str] = {}
@@ -348,16 +376,18 @@ def _aggregate_and_publish(
             continue
         if isinstance(fetched, BaseException):
             raise fetched
-        record, weights, size = fetched
-        aggregator.accept(
-            ClientUpdate(client_id, weights, record.num_examples, record.metrics.as_dict(), base_version)
-        )
+        report, weights, size = fetched
+        aggregator.accept(ClientUpdate(client_id, weights, report.num_examples, report.metrics, base_version))
         accepted.append(client_id)
         model_bytes = size
     if not accepted:
         raise AggregationError("no_updates", f"round {round_number}: no update could be read ({skipped})")
     result = aggregator.finish()
-    metrics = {k: float(v) for k, v in result.metrics.items()}
+    # JSON (the callback, the logs) has no Infinity/NaN: a non-finite figure (epsilon with no noise)
+    # is left out, and the round says so.
+    metrics = {k: float(v) for k, v in result.metrics.items() if math.isfinite(float(v))}
+    if infinite := sorted(k for k, v in result.metrics.items() if not math.isfinite(float(v))):
+        metrics["non_finite_metrics"] = float(len(infinite))
     if result.stop:
         metrics["stop"] = 1.0
 
