@@ -1,8 +1,14 @@
-"""Sync mode, finalize queue: a round's deadline passed; close it with a quorum or fail it."""
+"""Sync mode, finalize queue.
+
+Two kinds of message arrive here: the state machine's "the round's deadline passed" (close the
+round with a quorum, or fail it), and, through this queue's subscription to the model topic, every
+"global model ready" the state machine published, whose task token is recorded on the round. So
+the server learns each round's token from the state machine itself, never from a client.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import pydantic
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
@@ -10,7 +16,7 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from fedstream.registry import default_registry
-from fedstream.schemas import FinalizeRequest
+from fedstream.schemas import FinalizeRequest, ModelReady, TrainingComplete
 from fedstream.server import sync
 from fedstream.server.store import store_for
 from fedstream.settings import HandlerSettings
@@ -18,12 +24,15 @@ from handlers.aggregate import emit_round_closed
 from handlers.observability import count_rejection, logger, metrics, tracer
 
 processor = BatchProcessor(event_type=EventType.SQS)
+_REQUEST = pydantic.TypeAdapter(
+    Annotated[FinalizeRequest | ModelReady | TrainingComplete, pydantic.Field(discriminator="type")]
+)
 
 
 @tracer.capture_method
 def record_handler(record: SQSRecord) -> None:
     try:
-        request = FinalizeRequest.model_validate_json(record.body)
+        request = _REQUEST.validate_json(record.body)
     except pydantic.ValidationError as exc:
         count_rejection(
             "malformed_request",
@@ -31,8 +40,17 @@ def record_handler(record: SQSRecord) -> None:
             detail=f"{exc.error_count()} validation errors",
         )
         return
-    logger.append_keys(run_id=request.run_id, round=request.round, version=request.version)
     settings = HandlerSettings.from_env()
+    if isinstance(request, TrainingComplete):
+        return
+    logger.append_keys(run_id=request.run_id, round=request.round, version=request.version)
+    if isinstance(request, ModelReady):
+        if request.round is not None and request.task_token:
+            recorded = sync.record_round_token(
+                store_for(settings), request.run_id, request.round, request.task_token
+            )
+            logger.info("round token recorded" if recorded else "round token already known")
+        return
     result = sync.finalize_round(
         store_for(settings), settings, default_registry(), request.run_id, request.round, request.task_token
     )

@@ -162,17 +162,14 @@ def register_report(store: Store, settings: HandlerSettings, record: UpdateRecor
         ":c": record.client_id,
         ":report": json.dumps(asdict(ValidatedReport.of(record))),
     }
-    extra_update = extra_check = ""
-    if record.task_token:
-        values[":tok"] = record.task_token
-        extra_update = ", task_token = if_not_exists(task_token, :tok)"
-        extra_check = " AND (attribute_not_exists(task_token) OR task_token = :tok)"
+    server_token = round_item.get("task_token")
+    if record.task_token and server_token and record.task_token != server_token:
+        raise Rejected("task_token_mismatch", "the record's task token is not the round's token")
     try:
         item = store.conditional_update(
             _round_key(record.run_id, record.round),
-            "ADD reported :cid, reported_count :one "
-            f"SET last_report_at = :at, #report = :report{extra_update}",
-            f"#status = :open AND NOT contains(reported, :c){extra_check}",
+            "ADD reported :cid, reported_count :one SET last_report_at = :at, #report = :report",
+            "#status = :open AND NOT contains(reported, :c)",
             {**values, ":at": _now().isoformat()},
             {"#status": "status", "#report": report_attribute(record.client_id)},
         )
@@ -187,9 +184,7 @@ def _why_not_registered(store: Store, record: UpdateRecord) -> Rejected:
     item = store.round_item(record.run_id, record.round) or {}
     if record.client_id in item.get("reported", []):
         return Rejected("duplicate", f"client {record.client_id!r} already reported for round {record.round}")
-    if item.get("status") != "open":
-        return Rejected("round_closed", f"round {record.round} closed while the update was checked")
-    return Rejected("task_token_mismatch", "the record's task token is not the round's token")
+    return Rejected("round_closed", f"round {record.round} closed while the update was checked")
 
 
 def handle_sync_record(
@@ -304,8 +299,57 @@ def close_round(
         _fail_round(store, run_id, round_number, token, "AggregationFailed", str(exc))
         raise Rejected(exc.reason, str(exc)) from None
     assert closed.version == base_version + 1
-    closed.callback_delivered = bool(token) and store.send_task_success(str(token), round_output(closed))
+    closed.callback_delivered = deliver_round_result(
+        store, run_id, round_number, finalize_token=callback_token
+    )
     return closed
+
+
+def deliver_round_result(
+    store: Store, run_id: str, round_number: int, *, finalize_token: str | None = None
+) -> bool:
+    """Send a closed round's stored result to the waiting task token, at most once per token.
+
+    The round's own token comes from the server-side subscriber (``record_round_token``), never
+    from a client; whichever of "round closed" and "token known" happens second sends the result.
+    At the deadline the finalize request's token is the one waiting instead.
+    """
+    item = store.round_item(run_id, round_number)
+    if not item or item.get("status") != "closed":
+        return False
+    token = finalize_token or item.get("task_token")
+    if not token:
+        return False
+    flag = "finalize_callback_at" if finalize_token else "callback_at"
+    try:
+        store.conditional_update(
+            _round_key(run_id, round_number),
+            f"SET {flag} = :at",
+            f"attribute_not_exists({flag})",
+            {":at": _now().isoformat()},
+        )
+    except ConditionFailed:
+        return False
+    return store.send_task_success(str(token), json.loads(item["result"]))
+
+
+def record_round_token(store: Store, run_id: str, round_number: int, token: str) -> bool:
+    """Keep the round's task token, as published by the state machine; deliver if already closed.
+
+    Only the state machine can publish to the topic, and only the topic can send to the finalize
+    queue's subscription, so this token is authentic; the first one recorded stays.
+    """
+    try:
+        store.conditional_update(
+            _round_key(run_id, round_number),
+            "SET task_token = :tok",
+            "attribute_exists(run_id) AND attribute_not_exists(task_token)",
+            {":tok": token},
+        )
+    except ConditionFailed:
+        return False
+    deliver_round_result(store, run_id, round_number)
+    return True
 
 
 def round_output(closed: RoundClosed) -> dict[str, Any]:
@@ -498,7 +542,7 @@ def finalize_round(
         return Finalized("failed", message="unknown round")
     status = item["status"]
     if status == "closed":
-        store.send_task_success(token, json.loads(item["result"]))
+        deliver_round_result(store, run_id, round_number, finalize_token=token)
         return Finalized("already_closed")
     if status == "failed":
         store.send_task_failure(token, "RoundFailed", str(item.get("failure", "round failed")))

@@ -53,6 +53,9 @@ class Messaging(Construct):
                     max_receive_count=constants.FINALIZE_MAX_RECEIVE_COUNT, queue=self.finalize_dead_letters
                 ),
             )
+            # The finalize function learns each round's task token from the topic (as published by
+            # the state machine), so no client-supplied token is ever trusted.
+            self._subscribe("Finalize", self.finalize_queue)
         self.stream_failures = self._dead_letter_queue("StreamFailures")
         acknowledge(
             self.stream_failures,
@@ -94,15 +97,6 @@ class Messaging(Construct):
         # Built by hand rather than with SqsSubscription: that one writes the topic's ARN into the key
         # policy, and the topic is encrypted with the same key (a dependency cycle). The key lets SNS
         # deliver from this account's topics (EncryptionKey); the queue policy below admits only ours.
-        allowed = queue.add_to_resource_policy(
-            iam.PolicyStatement(
-                sid="TheModelEventsTopicSends",
-                principals=[iam.ServicePrincipal("sns.amazonaws.com")],
-                actions=["sqs:SendMessage"],
-                resources=[queue.queue_arn],
-                conditions={"ArnEquals": {"aws:SourceArn": self.topic.topic_arn}},
-            )
-        )
         queue.add_to_resource_policy(
             iam.PolicyStatement(
                 sid="NothingElseSends",
@@ -113,9 +107,23 @@ class Messaging(Construct):
                 conditions={"ArnNotEquals": {"aws:SourceArn": self.topic.topic_arn}},
             )
         )
+        self._subscribe(f"Client-{client_id}", queue)
+        return queue
+
+    def _subscribe(self, construct_id: str, queue: sqs.Queue) -> None:
+        """Raw delivery from the model topic, which the queue policy admits by its ARN."""
+        allowed = queue.add_to_resource_policy(
+            iam.PolicyStatement(
+                sid="TheModelEventsTopicSends",
+                principals=[iam.ServicePrincipal("sns.amazonaws.com")],
+                actions=["sqs:SendMessage"],
+                resources=[queue.queue_arn],
+                conditions={"ArnEquals": {"aws:SourceArn": self.topic.topic_arn}},
+            )
+        )
         subscription = sns.Subscription(
             self,
-            f"Client-{client_id}-Subscription",
+            f"{construct_id}-Subscription",
             topic=self.topic,
             endpoint=queue.queue_arn,
             protocol=sns.SubscriptionProtocol.SQS,
@@ -123,4 +131,3 @@ class Messaging(Construct):
         )
         if allowed.policy_dependable is not None:
             subscription.node.add_dependency(allowed.policy_dependable)
-        return queue

@@ -184,6 +184,8 @@ def world(aws: EmbeddedAWS, monkeypatch: pytest.MonkeyPatch) -> SyncWorld:
             "reported_count": {"N": "0"},
             "min_clients": {"N": "2"},
             "opened_at": {"S": "2026-01-01T00:00:00+00:00"},
+            # what the finalize function recorded from the topic
+            "task_token": {"S": "token-round-1"},
         },
     )
     return SyncWorld(aws, resources, settings, run_id, base)

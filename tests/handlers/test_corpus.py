@@ -419,12 +419,6 @@ def _sync_ctx(world: SyncWorld) -> CaseContext:
     return CaseContext(world, "sync")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="register_report pins the round's task token from the first record that carries one "
-    "(if_not_exists); nothing server-side knows the real token, so a client that reports first with "
-    "a forged token gets every honest report rejected as task_token_mismatch",
-)
 def test_a_forged_task_token_reported_first_does_not_lock_honest_clients_out(
     world: SyncWorld, capsys: pytest.CaptureFixture[str]
 ) -> None:
