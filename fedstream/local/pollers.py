@@ -7,7 +7,6 @@ and send a record that keeps failing to a dead-letter list after ``max_retries``
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -223,7 +222,3 @@ class QueuePoller(Poller):
         for record in records:
             if record["messageId"] not in failed:
                 self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=record["receiptHandle"])
-
-
-def dump_dead_letters(pollers: list[Poller]) -> str:
-    return json.dumps([r for p in pollers for r in p.dead_letters], default=str)

@@ -138,12 +138,6 @@ class Store:
         ).get("Item")
         return plain(item) if item else None
 
-    def update_item(self, client_id: str, update_id: str) -> dict[str, Any] | None:
-        item = self.updates.get_item(
-            Key={"client_id": client_id, "update_id": update_id}, ConsistentRead=True
-        ).get("Item")
-        return plain(item) if item else None
-
     def conditional_update(
         self,
         key: Mapping[str, str],
