@@ -136,25 +136,30 @@ class FakeContext:
         return 300_000
 
 
-@pytest.fixture
-def world(aws: EmbeddedAWS, monkeypatch: pytest.MonkeyPatch) -> SyncWorld:
+def _deployment(
+    aws: EmbeddedAWS, monkeypatch: pytest.MonkeyPatch, **settings_fields: Any
+) -> tuple[Resources, HandlerSettings]:
+    """Fresh resources (no state machine: the tests play its part) and the handlers' environment."""
     for name, value in aws_environment(aws.endpoint, aws.port).items():
         monkeypatch.setenv(name, value)
-    prefix = f"t{uuid.uuid4().hex[:8]}"
-    resources = create_resources(aws, prefix, list(CLIENTS), mode="async")  # no state machine needed
+    resources = create_resources(aws, f"t{uuid.uuid4().hex[:8]}", list(CLIENTS), mode="async")
     settings = HandlerSettings(
-        mode="sync",
         bucket=resources.bucket,
         run_table=resources.run_table,
         updates_table=resources.updates_table,
         topic_arn=resources.topic_arn,
-        aggregator="fedavg",
         client_ids=CLIENTS,
-        min_clients=2,
         seed=1,
+        **settings_fields,
     )
     for name, value in settings.to_env().items():
         monkeypatch.setenv(name, value)
+    return resources, settings
+
+
+@pytest.fixture
+def world(aws: EmbeddedAWS, monkeypatch: pytest.MonkeyPatch) -> SyncWorld:
+    resources, settings = _deployment(aws, monkeypatch, mode="sync", aggregator="fedavg", min_clients=2)
     run_id = "run-1"
     base = global_weights()
     data = encode(base, {"run_id": run_id, "version": "0"})
@@ -202,22 +207,9 @@ def async_world(
     name, params = ("fedasync", {"max_staleness": 1000})
     if marker:
         name, params = marker.args[0], dict(marker.kwargs)
-    for key, value in aws_environment(aws.endpoint, aws.port).items():
-        monkeypatch.setenv(key, value)
-    resources = create_resources(aws, f"a{uuid.uuid4().hex[:8]}", list(CLIENTS), mode="async")
-    settings = HandlerSettings(
-        mode="async",
-        bucket=resources.bucket,
-        run_table=resources.run_table,
-        updates_table=resources.updates_table,
-        topic_arn=resources.topic_arn,
-        aggregator=name,
-        aggregator_params=params,
-        client_ids=CLIENTS,
-        seed=1,
+    resources, settings = _deployment(
+        aws, monkeypatch, mode="async", aggregator=name, aggregator_params=params
     )
-    for key, value in settings.to_env().items():
-        monkeypatch.setenv(key, value)
     world = SyncWorld(aws, resources, settings, "run-a", global_weights())
     start_run(world.store, world.run_id, encode(world.base, {"run_id": world.run_id, "version": "0"}))
     return world
