@@ -150,9 +150,10 @@ class Store:
             "Key": dict(key),
             "UpdateExpression": update,
             "ConditionExpression": condition,
-            "ExpressionAttributeValues": to_dynamo(values),
             "ReturnValues": "ALL_NEW",
         }
+        if values:
+            kwargs["ExpressionAttributeValues"] = to_dynamo(values)
         if names:
             kwargs["ExpressionAttributeNames"] = dict(names)
         try:

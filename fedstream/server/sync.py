@@ -21,7 +21,7 @@ from typing import Any, Protocol, TypeVar
 
 import pydantic
 
-from fedstream import keys
+from fedstream import faults, keys
 from fedstream.aggregation import AggregationError, ClientUpdate, PrivacyBudgetExhausted, RoundContext
 from fedstream.registry import AggregatorRegistry
 from fedstream.schemas import UpdateRecord
@@ -29,6 +29,8 @@ from fedstream.server.store import ConditionFailed, MissingObject, Store
 from fedstream.settings import HandlerSettings
 from fedstream.weights import ModelSpec, WireFormatError, decode, encode, sha256_hex
 
+# A claim older than this is taken over: the aggregate function's timeout (15 min), so its holder
+# is certainly gone. A holder that raises releases its claim at once (``close_round``).
 CLAIM_LEASE_SECONDS = 900
 T = TypeVar("T")
 R = TypeVar("R")
@@ -145,14 +147,14 @@ def register_report(store: Store, settings: HandlerSettings, record: UpdateRecor
         raise Rejected("unknown_round", f"round {record.round} of run {record.run_id!r} was never opened")
     if round_item["status"] != "open":
         raise Rejected("round_closed", f"round {record.round} is already {round_item['status']}")
+    if record.client_id in round_item.get("reported", []):
+        raise Rejected("duplicate", f"client {record.client_id!r} already reported for round {record.round}")
     if record.base_version != round_item["version"]:
         raise Rejected(
             "wrong_base_version",
             f"round {record.round} trains version {round_item['version']}, the update is from "
             f"version {record.base_version}",
         )
-    if record.client_id in round_item.get("reported", []):
-        raise Rejected("duplicate", f"client {record.client_id!r} already reported for round {record.round}")
     load_update(store, record, store.global_model(record.run_id, record.base_version).spec)
 
     values: dict[str, Any] = {
@@ -192,15 +194,18 @@ def handle_sync_record(
 ) -> tuple[Registered, RoundClosed | None]:
     """One stream record: register the report, and close the round if it is now complete.
 
-    A redelivered record is rejected as a duplicate, but still re-tries the close, so a crash
-    between registering and aggregating never leaves a complete round open.
+    A redelivered record is rejected as a duplicate, but still re-tries the close and the
+    callback, so a crash between registering and aggregating never leaves a complete round open,
+    and a crash between closing and calling back never leaves the state machine waiting.
     """
     record = parse_record(image)
     try:
         registered = register_report(store, settings, record)
     except Rejected as rejected:
-        if rejected.reason == "duplicate" and record.round is not None:
-            _close_if_complete(store, settings, registry, record.run_id, record.round)
+        if rejected.reason in ("duplicate", "round_closed") and record.round is not None:
+            closed = _close_if_complete(store, settings, registry, record.run_id, record.round)
+            if closed is None:
+                deliver_round_result(store, record.run_id, record.round)
         raise
     closed = None
     if registered.reported_count >= registered.required:
@@ -268,6 +273,21 @@ def claim_round(store: Store, run_id: str, round_number: int, min_reports: int) 
     return claim_id
 
 
+def release_claim(store: Store, run_id: str, round_number: int, claim_id: str) -> bool:
+    """Give a claim back (its holder failed before closing), so a retry can aggregate at once."""
+    try:
+        store.conditional_update(
+            _round_key(run_id, round_number),
+            "SET #status = :open REMOVE claim_id, claimed_at",
+            "#status = :agg AND claim_id = :claim",
+            {":open": "open", ":agg": "aggregating", ":claim": claim_id},
+            {"#status": "status"},
+        )
+    except ConditionFailed:
+        return False
+    return True
+
+
 def close_round(
     store: Store,
     settings: HandlerSettings,
@@ -281,9 +301,12 @@ def close_round(
 ) -> RoundClosed | None:
     """Aggregate a complete round exactly once, publish the new version and call back.
 
-    Returns None when the round is not ready or another invocation is closing it.
+    Returns None when the round is not ready or another invocation is closing it. Every step
+    can be repeated: the new object is write-once and adopted by a retry, the pointer flip is
+    conditional and recognised when it already happened, and the callback is sent once per token.
     """
-    if claim_round(store, run_id, round_number, min_reports) is None:
+    claim_id = claim_round(store, run_id, round_number, min_reports)
+    if claim_id is None:
         return None
     round_item = store.round_item(run_id, round_number)
     state = store.run_state(run_id)
@@ -298,7 +321,11 @@ def close_round(
     except AggregationError as exc:
         _fail_round(store, run_id, round_number, token, "AggregationFailed", str(exc))
         raise Rejected(exc.reason, str(exc)) from None
+    except BaseException:
+        release_claim(store, run_id, round_number, claim_id)
+        raise
     assert closed.version == base_version + 1
+    faults.point("aggregate.before_callback")
     closed.callback_delivered = deliver_round_result(
         store, run_id, round_number, finalize_token=callback_token
     )
@@ -330,7 +357,14 @@ def deliver_round_result(
         )
     except ConditionFailed:
         return False
-    return store.send_task_success(str(token), json.loads(item["result"]))
+    try:
+        return store.send_task_success(str(token), json.loads(item["result"]))
+    except Exception:
+        # Not sent (throttled, network): take the flag back so the retry of this record sends it.
+        store.conditional_update(
+            _round_key(run_id, round_number), f"REMOVE {flag}", "attribute_exists(run_id)", {}
+        )
+        raise
 
 
 def record_round_token(store: Store, run_id: str, round_number: int, token: str) -> bool:
@@ -450,11 +484,13 @@ def _aggregate_and_publish(
             "metrics": json.dumps(metrics),
         },
     )
+    faults.point("aggregate.before_object_write")
     if not store.put_once(key, data):
         # A previous attempt wrote this version and died before the flip: its object stands.
         existing = store.get_bytes(key)
         _, meta = decode(existing, max_bytes=settings.max_model_bytes)
         data, metrics, accepted = existing, json.loads(meta["metrics"]), json.loads(meta["clients"])
+    faults.point("aggregate.after_object_write")
     digest = sha256_hex(data)
     aggregation_seconds = time.perf_counter() - started
 
@@ -481,6 +517,7 @@ def _aggregate_and_publish(
         current = store.run_state(run_id) or {}
         if current.get("version") != new_version or current.get("global_key") != key:
             raise
+    faults.point("aggregate.after_flip")
     opened = round_item.get("opened_at")
     duration = None
     if opened:
