@@ -58,6 +58,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--slowdown", type=float, default=1.0, help="train this many times slower")
     parser.add_argument("--delay", type=float, default=0.0, help="extra seconds after each local fit")
+    parser.add_argument(
+        "--visibility-timeout", type=int, help="seconds a received message stays hidden while training"
+    )
     parser.add_argument("--max-idle", type=float, help="exit 3 after this many seconds without a message")
     parser.add_argument("--events", action="store_true", help="print one JSON line per step on stdout")
     parser.set_defaults(func=run_client)
@@ -65,7 +68,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def client_settings(args: argparse.Namespace) -> ClientSettings:
     fields: dict[str, Any] = json.loads(args.config.read_text()) if args.config else {}
-    for name in ("client_id", "queue_url", "bucket", "updates_table", "region", "endpoint_url"):
+    for name in (
+        "client_id",
+        "queue_url",
+        "bucket",
+        "updates_table",
+        "region",
+        "endpoint_url",
+        "visibility_timeout",
+    ):
         value = getattr(args, name)
         if value is not None:
             fields[name] = value

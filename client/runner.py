@@ -194,7 +194,7 @@ class FederatedClient:
 
     def _train_with_heartbeat(self, message: dict[str, Any], weights: Weights, body: ModelReady) -> Any:
         done = threading.Event()
-        interval = max(5.0, self.settings.visibility_timeout / 3)
+        interval = max(1.0, self.settings.visibility_timeout / 3)
 
         def heartbeat() -> None:
             while not done.wait(interval):

@@ -18,6 +18,7 @@ import this module without it.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 
     ModelFn = Callable[[tuple[int, ...], int], keras.Model]
 
-TRAINER_KINDS = ("keras", "numpy", "module:function")
+TRAINER_KINDS = ("keras", "numpy", "instant[:PARAMS]", "module:function")
 EVAL_BATCH_SIZE = 256
 
 
@@ -74,6 +75,19 @@ class Trainer(Protocol):
 
 class TrainerSpecError(ValueError):
     """A ``module:function`` trainer spec cannot be loaded or returned the wrong thing."""
+
+
+def fit_rng(seed: int, weights: Weights, *extra: int) -> np.random.Generator:
+    """The generator for one local fit: a function of the seed and of the global weights trained.
+
+    A client that crashes and trains the same global model again (a redelivered message) makes
+    the same update, so a run with faults ends with the model of the run without them.
+    """
+    digest = hashlib.blake2b(digest_size=8)
+    for name in sorted(weights):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(weights[name]).tobytes())
+    return np.random.default_rng([seed, *extra, int.from_bytes(digest.digest(), "little")])
 
 
 def clip_update(weights: Weights, base: Weights, clip_norm: float) -> Weights:
@@ -169,7 +183,6 @@ class KerasTrainer:
             self.model.build((None, *data.input_shape))
         self.names = _variable_names(self.model)
         self._initial = self.get_weights()
-        self._fits = 0
         self._optimizer: Any = None
         self._train_step: Callable[..., Any] | None = None
         self._eval_step: Callable[..., Any] | None = None
@@ -205,8 +218,7 @@ class KerasTrainer:
             tf.constant(weights[name_of[id(v)]], dtype=v.dtype) for v in self.model.trainable_variables
         ]
         mu_tensor = tf.constant(mu, dtype=tf.float32)
-        rng = np.random.default_rng([self.seed, self._fits])
-        self._fits += 1
+        rng = fit_rng(self.seed, weights)
         x, y = self.data.x_train, self.data.y_train
         started = time.perf_counter()
         loss_sum, correct = 0.0, 0
@@ -340,7 +352,6 @@ class NumpyTrainer:
         self.learning_rate = learning_rate
         self.seed = seed
         self.num_features = int(np.prod(data.input_shape, dtype=np.int64))
-        self._fits = 0
 
     def initial_weights(self) -> Weights:
         return {
@@ -357,8 +368,7 @@ class NumpyTrainer:
         anchor_b = weights["dense/bias"].astype(np.float64)
         w, b = anchor_w.copy(), anchor_b.copy()
         x, y = self._features(self.data.x_train), self.data.y_train
-        rng = np.random.default_rng([self.seed, self._fits])
-        self._fits += 1
+        rng = fit_rng(self.seed, weights)
         started = time.perf_counter()
         loss_sum, correct = 0.0, 0
         for _ in range(epochs):
@@ -399,6 +409,36 @@ class NumpyTrainer:
 def _softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+class InstantTrainer:
+    """No learning at all: each fit returns the global weights plus a small seeded step, at once.
+
+    For load tests and overhead benchmarks, where the server's work is what is measured and a real
+    trainer would only add CPU time. The model is one float32 tensor ``"dense/kernel"`` of
+    ``num_params`` values. Each fit is a pure function of the seed, the client index and the
+    global weights (:func:`fit_rng`).
+    """
+
+    def __init__(self, num_params: int = 1000, num_examples: int = 10, seed: int = 0, client_index: int = 0):
+        if num_params < 1:
+            raise ValueError(f"an instant trainer needs at least 1 parameter, got {num_params}")
+        self.num_params, self.num_examples = num_params, num_examples
+        self.seed, self.client_index = seed, client_index
+
+    def initial_weights(self) -> Weights:
+        return {"dense/kernel": np.zeros(self.num_params, dtype=np.float32)}
+
+    def fit(self, weights: Weights, settings: Mapping[str, Scalar]) -> FitResult:
+        _check_names(weights, ["dense/kernel"])
+        rng = fit_rng(self.seed, weights, self.client_index)
+        step = rng.normal(0.0, 0.01, size=self.num_params).astype(np.float32)
+        new = {"dense/kernel": weights["dense/kernel"] + step}
+        train = {"train_loss": float(np.abs(new["dense/kernel"]).mean()), "train_seconds": 0.0}
+        return FitResult(_finish(self, new, weights, settings, train), self.num_examples, train)
+
+    def evaluate(self, weights: Weights) -> dict[str, float]:
+        return {}
 
 
 # --- user trainers ----------------------------------------------------------------------------
@@ -543,6 +583,11 @@ def build_trainer(
         if not rate and dataset in DEFAULT_KERAS_LEARNING_RATES:
             rate = {"learning_rate": DEFAULT_KERAS_LEARNING_RATES[dataset]}
         return KerasTrainer(model_fn, data, epochs=epochs, batch_size=batch_size, seed=seed, **rate)
+    if kind == "instant" or kind.startswith("instant:"):
+        size = kind.partition(":")[2]
+        if size and not size.isdigit():
+            raise ValueError(f"instant trainer size must be a whole number of parameters, got {size!r}")
+        return InstantTrainer(int(size or 1000), seed=seed, client_index=client_index)
     if ":" in kind:
         rate = {} if learning_rate is None else {"learning_rate": learning_rate}
         return load_user_trainer(

@@ -88,4 +88,4 @@ class ClientSettings(BaseModel):
     endpoint_url: str | None = None
     max_model_bytes: int = DEFAULT_MAX_BYTES
     wait_seconds: int = Field(20, ge=0, le=20)
-    visibility_timeout: int = Field(300, ge=30)
+    visibility_timeout: int = Field(300, ge=5, le=43200)

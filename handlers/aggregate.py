@@ -63,6 +63,13 @@ def correlation_keys(image: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def log_registered(registered: sync.Registered) -> None:
+    logger.info(
+        "update registered",
+        extra={"reported": registered.reported_count, "required": registered.required},
+    )
+
+
 @tracer.capture_method
 def record_handler(record: DynamoDBRecord) -> None:
     if record.event_name != DynamoDBRecordEventName.INSERT or record.dynamodb is None:
@@ -71,14 +78,12 @@ def record_handler(record: DynamoDBRecord) -> None:
     logger.append_keys(**correlation_keys(image))
     settings = HandlerSettings.from_env()
     try:
-        registered, closed = sync.handle_sync_record(store_for(settings), settings, default_registry(), image)
+        _, closed = sync.handle_sync_record(
+            store_for(settings), settings, default_registry(), image, on_registered=log_registered
+        )
     except sync.Rejected as rejected:
         count_rejection(rejected.reason, detail=str(rejected))
         return
-    logger.info(
-        "update registered",
-        extra={"reported": registered.reported_count, "required": registered.required},
-    )
     if closed is not None:
         emit_round_closed(closed)
 

@@ -40,6 +40,20 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float)
+    parser.add_argument(
+        "--client-threads",
+        action="store_true",
+        help="run the clients as threads of this process (many light clients, e.g. --trainer instant)",
+    )
+    parser.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="inject a fault (repeatable): aggregate.<point>[:N], throttle:s3|dynamodb:Op[:N], "
+        "error:s3|dynamodb:Op[:N], kill:CLIENT[:ROUND], hang:CLIENT, redeliver:N",
+    )
+    parser.add_argument("--visibility-timeout", type=int, default=300, help="client message visibility (s)")
     parser.add_argument("--out", type=Path, default=Path("runs/local"))
     parser.add_argument("--no-progress", action="store_true", help="plain lines instead of a live table")
     parser.set_defaults(func=run)
@@ -79,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         updates=args.updates,
         max_seconds=args.max_seconds,
+        client_runtime="thread" if args.client_threads else "process",
+        visibility_timeout=args.visibility_timeout,
+        faults=tuple(args.fault),
     )
     summary = run_local(config)
     return 0 if summary.status == "SUCCEEDED" else 1

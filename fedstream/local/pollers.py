@@ -63,6 +63,18 @@ class Poller(threading.Thread):
         self.failures = 0
         self.last_activity = time.monotonic()
         self.dead_letters: list[dict[str, Any]] = []
+        self.delivered = 0
+        self.redelivered = 0
+
+    def stats(self) -> dict[str, int]:
+        """Invocations, failed invocations, records delivered and records sent to the dead letters."""
+        return {
+            "invocations": self.invocations,
+            "failed_invocations": self.failures,
+            "records": self.delivered,
+            "dead_letters": len(self.dead_letters),
+            "redelivered": self.redelivered,
+        }
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -88,13 +100,15 @@ class StreamPoller(Poller):
         max_retries: int = 3,
         idle_sleep: float = 0.1,
         dead_letter: Callable[[dict[str, Any]], None] | None = None,
+        redeliver_batches: int = 0,
     ) -> None:
         super().__init__(f"stream-poller-{function_name}")
+        # Fault injection: each of the first N batches read is delivered twice, as a stream may.
+        self.redeliver_batches = redeliver_batches
         self.dead_letter = dead_letter
         self.streams, self.stream_arn, self.handler = streams, stream_arn, handler
         self.function_name, self.batch_size, self.max_retries = function_name, batch_size, max_retries
         self.idle_sleep = idle_sleep
-        self.delivered = 0
 
     def run(self) -> None:
         iterators: dict[str, str | None] = {}
@@ -125,6 +139,10 @@ class StreamPoller(Poller):
             response = self.streams.get_records(ShardIterator=iterator, Limit=self.batch_size)
             iterators[shard_id] = response.get("NextShardIterator")
             records += [self._lambda_record(r) for r in response.get("Records", [])]
+        if records and self.redeliver_batches > 0:
+            self.redeliver_batches -= 1
+            self.redelivered += len(records)
+            records += [dict(r) for r in records]
         return records
 
     def _lambda_record(self, record: dict[str, Any]) -> dict[str, Any]:
@@ -219,6 +237,7 @@ class QueuePoller(Poller):
             failed = {r["messageId"] for r in records}
         self.invocations += 1
         self.failures += bool(failed)
+        self.delivered += len(records) - len(failed)
         for record in records:
             if record["messageId"] not in failed:
                 self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=record["receiptHandle"])

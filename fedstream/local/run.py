@@ -11,7 +11,6 @@ import csv
 import json
 import logging
 import os
-import subprocess
 import sys
 import time
 import uuid
@@ -20,12 +19,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from fedstream import keys
+from fedstream import faults, keys
 from fedstream.cli import CliError
+from fedstream.local.clients import Client, ThreadClient, process_client, stop_clients, wait_until_ready
 from fedstream.local.embedded import EmbeddedAWS, Resources, create_resources
+from fedstream.local.faults import ClientFaults, FaultPlan, ServiceFaults
 from fedstream.local.pollers import Poller, QueuePoller, StreamPoller
 from fedstream.registry import default_registry
-from fedstream.server.store import Store
+from fedstream.server.store import Store, store_for
 from fedstream.settings import HandlerSettings
 from fedstream.weights import decode, encode, sha256_hex
 
@@ -58,6 +59,11 @@ class LocalRunConfig:
     client_timeout: float = 600.0
     updates: int = 20
     max_seconds: float = 0.0
+    # "process": one `fedstream client` process each; "thread": clients share this process (load tests)
+    client_runtime: str = "process"
+    visibility_timeout: int = 300
+    # fault specs (fedstream.local.faults), e.g. "aggregate.after_flip", "kill:site-2:1"
+    faults: tuple[str, ...] = ()
 
 
 @dataclass
@@ -88,6 +94,10 @@ class RunSummary:
     client_exit_codes: dict[str, int | None]
     out: Path
     counts: dict[str, int] = field(default_factory=dict)
+    # per handler: invocations, failed invocations, records delivered, dead letters
+    handlers: dict[str, dict[str, int]] = field(default_factory=dict)
+    # what the fault plan injected: fault point or service fault -> times; client faults -> 1
+    faults_injected: dict[str, int] = field(default_factory=dict)
 
     @property
     def accuracies(self) -> list[float]:
@@ -107,6 +117,10 @@ class _Evaluator:
             self.trainer: Any = NumpyTrainer(data, seed=config.seed)
         elif config.trainer == "keras":
             self.trainer = KerasTrainer(default_model_for(config.dataset), data, seed=config.seed)
+        elif config.trainer.split(":")[0] == "instant":
+            from client.trainer import build_trainer
+
+            self.trainer = build_trainer(config.trainer, config.dataset, "iid", 1, 0, seed=config.seed)
         else:
             self.trainer = None
 
@@ -144,6 +158,9 @@ def run_local(config: LocalRunConfig) -> RunSummary:
     run_id = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     client_ids = [f"site-{i + 1}" for i in range(config.clients)]
     min_clients = config.min_clients or config.clients
+    plan = FaultPlan.parse(config.faults, client_ids)
+    if (plan.kills or plan.hangs) and config.client_runtime != "process":
+        raise CliError("kill: and hang: faults need process clients (client_runtime='process')")
 
     with EmbeddedAWS() as aws, _log_stream(out / "logs.jsonl") as console_stream:
         resources = create_resources(aws, f"fedstream-{run_id[-6:]}", client_ids, config.mode)
@@ -160,6 +177,9 @@ def run_local(config: LocalRunConfig) -> RunSummary:
             seed=config.seed,
         )
         os.environ.update(settings.to_env())
+        service_faults = ServiceFaults(plan)
+        handler_store = store_for(HandlerSettings.from_env())  # the Store the handlers will use
+        service_faults.install({"s3": handler_store.s3, "dynamodb": handler_store.dynamodb.meta.client})
         evaluator = _Evaluator(config)
         initial = evaluator.initial_weights()
         initial_accuracy = evaluator.evaluate(initial).get("eval_accuracy")
@@ -167,9 +187,17 @@ def run_local(config: LocalRunConfig) -> RunSummary:
         if config.mode == "sync":  # async: start_run publishes version 0
             aws.client("s3").put_object(Bucket=resources.bucket, Key=keys.global_key(run_id, 0), Body=data)
 
-        pollers = _start_pollers(aws, resources, config.mode)
+        pollers = _start_pollers(aws, resources, config.mode, redeliver_batches=plan.redeliver_batches)
         clients = _start_clients(aws, resources, config, client_ids, out)
-        _wait_until_ready(clients, out, timeout=config.client_timeout)
+        client_faults = ClientFaults(plan, clients)
+        try:
+            wait_until_ready(clients, timeout=config.client_timeout)
+        except CliError:
+            stop_clients(clients, 0)
+            raise
+        client_faults.hang_now()
+        client_faults.start()
+        plan.arm_handler_points()
         aggregator = registry.create(config.aggregator, config.params, seed=config.seed)
         progress = Progress(console_stream, config, client_ids, enabled=config.progress)
         started = time.monotonic()
@@ -184,10 +212,14 @@ def run_local(config: LocalRunConfig) -> RunSummary:
                     aws, resources, settings, run_id, data, config, aggregator, evaluator, progress, started
                 )
         finally:
-            codes = _stop_clients(clients, config.client_timeout if status == "SUCCEEDED" else 5)
+            client_faults.stop()
+            client_faults.release()
+            codes = stop_clients(clients, config.client_timeout if status == "SUCCEEDED" else 5)
             for poller in pollers:
                 poller.drain()
                 poller.stop()
+            injected = {**faults.fired(), **service_faults.injected, **dict.fromkeys(client_faults.done, 1)}
+            faults.disarm()
             progress.close()
         if config.mode == "async":  # records that arrived after the end are counted now
             state = Store(settings, aws.session()).run_state(run_id) or {}
@@ -208,6 +240,8 @@ def run_local(config: LocalRunConfig) -> RunSummary:
         client_exit_codes=codes,
         out=out,
         counts=counts,
+        handlers={p.function_name: p.stats() for p in pollers},
+        faults_injected=injected,
     )
     _write_outputs(summary, config)
     progress.summary(summary)
@@ -311,7 +345,9 @@ def _run_async(
     return str(state["status"]), state.get("failure"), rows, str(state["global_key"]), counts
 
 
-def _start_pollers(aws: EmbeddedAWS, resources: Resources, mode: str) -> list[Poller]:
+def _start_pollers(
+    aws: EmbeddedAWS, resources: Resources, mode: str, *, redeliver_batches: int = 0
+) -> list[Poller]:
     from handlers import aggregate, async_update, finalize
 
     stream_handler = async_update.lambda_handler if mode == "async" else aggregate.lambda_handler
@@ -328,6 +364,7 @@ def _start_pollers(aws: EmbeddedAWS, resources: Resources, mode: str) -> list[Po
             stream_handler,
             f"{mode}-stream",
             dead_letter=dead_letter,
+            redeliver_batches=redeliver_batches,
         )
     ]
     if resources.finalize_queue_url:
@@ -341,17 +378,17 @@ def _start_pollers(aws: EmbeddedAWS, resources: Resources, mode: str) -> list[Po
 
 def _start_clients(
     aws: EmbeddedAWS, resources: Resources, config: LocalRunConfig, client_ids: list[str], out: Path
-) -> dict[str, subprocess.Popen[bytes]]:
-    processes = {}
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+) -> dict[str, Client]:
+    clients: dict[str, Client] = {}
+    max_idle = max(config.round_timeout * 2, 120)
     for index, client_id in enumerate(client_ids):
-        command = [
-            sys.executable,
-            "-m",
-            "fedstream.cli",
-            "client",
-            "--client-id",
-            client_id,
+        straggler = index >= config.clients - config.stragglers
+        log_path = out / "clients" / f"{client_id}.log"
+        log_path.unlink(missing_ok=True)
+        if config.client_runtime == "thread":
+            clients[client_id] = _thread_client(aws, resources, config, client_id, index, straggler, log_path)
+            continue
+        arguments = [
             "--queue-url",
             resources.queue_urls[client_id],
             "--bucket",
@@ -378,50 +415,59 @@ def _start_clients(
             str(config.epochs),
             "--batch-size",
             str(config.batch_size),
+            "--visibility-timeout",
+            str(config.visibility_timeout),
             "--max-idle",
-            str(max(config.round_timeout * 2, 120)),
+            str(max_idle),
             "--events",
         ]
         if config.learning_rate is not None:
-            command += ["--learning-rate", str(config.learning_rate)]
-        if index >= config.clients - config.stragglers:
-            command += ["--slowdown", str(config.straggler_factor), "--delay", str(config.straggler_delay)]
-        log_file = (out / "clients" / f"{client_id}.log").open("wb")
-        processes[client_id] = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-    return processes
+            arguments += ["--learning-rate", str(config.learning_rate)]
+        if straggler:
+            arguments += ["--slowdown", str(config.straggler_factor), "--delay", str(config.straggler_delay)]
+        clients[client_id] = process_client(client_id, arguments, log_path)
+    for client in clients.values():
+        client.start()
+    return clients
 
 
-def _wait_until_ready(processes: dict[str, subprocess.Popen[bytes]], out: Path, timeout: float) -> None:
-    """Rounds start once every client has loaded its data and model, so deadlines measure training."""
-    deadline = time.monotonic() + timeout
-    waiting = set(processes)
-    while waiting and time.monotonic() < deadline:
-        for client_id in list(waiting):
-            if '"event": "ready"' in (out / "clients" / f"{client_id}.log").read_text(errors="replace"):
-                waiting.discard(client_id)
-            elif processes[client_id].poll() is not None:
-                raise CliError(
-                    f"client {client_id} exited with {processes[client_id].returncode} before it was "
-                    f"ready; see {out / 'clients' / (client_id + '.log')}"
-                )
-        time.sleep(0.2)
-    if waiting:
-        raise CliError(f"clients not ready after {timeout:.0f} s: {sorted(waiting)}")
+def _thread_client(
+    aws: EmbeddedAWS,
+    resources: Resources,
+    config: LocalRunConfig,
+    client_id: str,
+    index: int,
+    straggler: bool,
+    log_path: Path,
+) -> ThreadClient:
+    from client.cli import SlowTrainer
+    from client.runner import FederatedClient
+    from client.trainer import build_trainer
+    from fedstream.settings import ClientSettings
 
-
-def _stop_clients(processes: dict[str, subprocess.Popen[bytes]], timeout: float) -> dict[str, int | None]:
-    deadline = time.monotonic() + timeout
-    for process in processes.values():
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=max(0.1, deadline - time.monotonic()))
-    for process in processes.values():
-        if process.poll() is None:
-            process.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=10)
-            if process.poll() is None:
-                process.kill()
-    return {client_id: process.returncode for client_id, process in processes.items()}
+    trainer: Any = build_trainer(
+        config.trainer,
+        config.dataset,
+        config.partition,
+        config.clients,
+        index,
+        seed=config.seed,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+    )
+    if straggler and (config.straggler_factor > 1.0 or config.straggler_delay > 0):
+        trainer = SlowTrainer(trainer, config.straggler_factor, config.straggler_delay)
+    settings = ClientSettings(
+        client_id=client_id,
+        queue_url=resources.queue_urls[client_id],
+        bucket=resources.bucket,
+        updates_table=resources.updates_table,
+        endpoint_url=aws.endpoint,
+        visibility_timeout=config.visibility_timeout,
+    )
+    client = FederatedClient(settings, trainer, session=aws.session())
+    return ThreadClient(client_id, client, log_path, max_idle=max(config.round_timeout * 2, 120))
 
 
 def _watch(
@@ -509,6 +555,8 @@ def _write_outputs(summary: RunSummary, config: LocalRunConfig) -> None:
                 "initial_test_accuracy": summary.initial_accuracy,
                 "rejected": summary.rejected,
                 "counts": summary.counts,
+                "handlers": summary.handlers,
+                "faults_injected": summary.faults_injected,
                 "client_exit_codes": summary.client_exit_codes,
                 "config": config_json,
                 "rounds": rows,

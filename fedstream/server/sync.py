@@ -145,6 +145,9 @@ def register_report(store: Store, settings: HandlerSettings, record: UpdateRecor
     round_item = store.round_item(record.run_id, record.round)
     if round_item is None:
         raise Rejected("unknown_round", f"round {record.round} of run {record.run_id!r} was never opened")
+    stored = round_item.get(report_attribute(record.client_id))
+    if stored and json.loads(stored)["object_key"] == record.object_key:
+        raise Rejected("duplicate", f"update {record.object_key} was already registered")
     if round_item["status"] != "open":
         raise Rejected("round_closed", f"round {record.round} is already {round_item['status']}")
     if record.client_id in round_item.get("reported", []):
@@ -190,9 +193,16 @@ def _why_not_registered(store: Store, record: UpdateRecord) -> Rejected:
 
 
 def handle_sync_record(
-    store: Store, settings: HandlerSettings, registry: AggregatorRegistry, image: Mapping[str, Any]
+    store: Store,
+    settings: HandlerSettings,
+    registry: AggregatorRegistry,
+    image: Mapping[str, Any],
+    on_registered: Callable[[Registered], None] | None = None,
 ) -> tuple[Registered, RoundClosed | None]:
     """One stream record: register the report, and close the round if it is now complete.
+
+    ``on_registered`` hears of the registration before the close is tried, so a close that fails
+    cannot hide a report that was taken.
 
     A redelivered record is rejected as a duplicate, but still re-tries the close and the
     callback, so a crash between registering and aggregating never leaves a complete round open,
@@ -207,6 +217,8 @@ def handle_sync_record(
             if closed is None:
                 deliver_round_result(store, record.run_id, record.round)
         raise
+    if on_registered is not None:
+        on_registered(registered)
     closed = None
     if registered.reported_count >= registered.required:
         closed = _close_if_complete(store, settings, registry, record.run_id, record.round or 0)
