@@ -69,6 +69,46 @@ def make_dynamodb_item_operations_atomic() -> None:
     DynamoDBBackend._fedstream_atomic = True
 
 
+def make_sns_publish_reach_every_subscription() -> None:
+    """Deliver a topic's messages to all its subscriptions, as SNS does.
+
+    moto's ``Topic.publish`` takes the first page (100) of ``list_subscriptions_by_topic`` and
+    drops the message for every later subscription, so in a run with more than 99 clients the
+    last clients (and the finalize queue) would never hear of a round.
+    """
+    from moto.moto_api._internal import mock_random
+    from moto.sns.models import Topic
+
+    if getattr(Topic, "_fedstream_all_subscriptions", False):
+        return
+
+    def publish(
+        self: Any,
+        message: str,
+        subject: str | None = None,
+        message_attributes: Any = None,
+        group_id: str | None = None,
+        deduplication_id: str | None = None,
+        message_structure: str | None = None,
+    ) -> str:
+        message_id = str(mock_random.uuid4())
+        for subscription in self.sns_backend._get_topic_subscriptions(self):
+            subscription.publish(
+                message,
+                message_id,
+                subject=subject,
+                message_attributes=message_attributes,
+                group_id=group_id,
+                deduplication_id=deduplication_id,
+                message_structure=message_structure,
+            )
+        self.sent_notifications.append((message_id, message, subject, message_attributes, group_id))
+        return message_id
+
+    Topic.publish = publish
+    Topic._fedstream_all_subscriptions = True
+
+
 class EmbeddedAWS:
     """A ``ThreadedMotoServer`` on loopback with Step Functions executions switched on."""
 
@@ -77,6 +117,7 @@ class EmbeddedAWS:
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
         make_dynamodb_item_operations_atomic()
+        make_sns_publish_reach_every_subscription()
 
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.port = 0
