@@ -147,7 +147,9 @@ def register_report(store: Store, settings: HandlerSettings, record: UpdateRecor
         raise Rejected("unknown_round", f"round {record.round} of run {record.run_id!r} was never opened")
     stored = round_item.get(report_attribute(record.client_id))
     if stored and json.loads(stored)["object_key"] == record.object_key:
-        raise Rejected("duplicate", f"update {record.object_key} was already registered")
+        raise Rejected(
+            "duplicate", f"client {record.client_id!r} already reported for round {record.round}, redelivered"
+        )
     if round_item["status"] != "open":
         raise Rejected("round_closed", f"round {record.round} is already {round_item['status']}")
     if record.client_id in round_item.get("reported", []):
