@@ -25,6 +25,7 @@ lint: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/aggregation_memory.py
+	$(BIN)/python benchmarks/aggregation_engine.py --quick
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

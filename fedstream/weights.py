@@ -4,12 +4,18 @@ Decoding never executes anything. Before safetensors parses a byte of it, the pa
 for the size limit and for the signatures of formats that can carry code (pickle, zip, ``.npy``).
 After parsing, every tensor is checked against the expected :class:`ModelSpec` (names, shapes,
 dtypes) and for NaN/Inf.
+
+A plain payload (float16/32/64 tensors laid out back to back, as ``encode`` writes them) decodes
+without a copy: its arrays are read-only numpy views into the payload's bytes, taken only after
+every check safetensors makes has held (see ``_views``). Anything else is parsed by safetensors
+itself, which names what is wrong with it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,6 +32,8 @@ ALLOWED_DTYPES = frozenset({"float16", "float32", "float64"})
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 _ORDER_KEY = "fedstream.tensor_order"
 _HEADER_LIMIT = 100 * 1024 * 1024
+_VIEW_DTYPES = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
+_U64_LIMIT = 2**64
 
 
 class WireFormatError(ValueError):
@@ -87,8 +95,23 @@ def _check_arrays(weights: Mapping[str, np.ndarray]) -> None:
             raise WireFormatError(
                 "tensor_dtype", f"tensor {name!r} has dtype {array.dtype}; allowed: {sorted(ALLOWED_DTYPES)}"
             )
-        if not np.isfinite(array).all():
+        if not _all_finite(array):
             raise WireFormatError("non_finite", f"tensor {name!r} contains NaN or Inf")
+
+
+def _all_finite(array: np.ndarray) -> bool:
+    """True when no value is NaN or Inf, with no full-size temporary in the common case.
+
+    A NaN or an Inf anywhere makes the sum of squares (one BLAS dot product, the fastest full
+    pass numpy has) NaN or Inf, so a finite result proves every value finite; only a non-finite
+    one (a NaN/Inf, or values above ~1e19 whose squares overflow) needs the element-wise check.
+    """
+    if array.dtype in (np.float32, np.float64) and array.flags.c_contiguous:
+        flat = array.reshape(-1)
+        with np.errstate(over="ignore", invalid="ignore"):
+            if np.isfinite(np.dot(flat, flat)):
+                return True
+    return bool(np.isfinite(array).all())
 
 
 def encode(weights: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
@@ -138,7 +161,10 @@ def decode(
     max_bytes: int = DEFAULT_MAX_BYTES,
     expected_sha256: str | None = None,
 ) -> tuple[Weights, dict[str, str]]:
-    """Parse and validate a safetensors payload; returns (weights in their saved order, metadata)."""
+    """Parse and validate a safetensors payload; returns (weights in their saved order, metadata).
+
+    Treat the arrays as read-only: a plain payload's are read-only views into ``data`` (``_views``).
+    """
     if len(data) > max_bytes:
         raise WireFormatError("too_large", f"payload of {len(data)} bytes exceeds the limit of {max_bytes}")
     if expected_sha256 is not None and sha256_hex(data) != expected_sha256:
@@ -147,9 +173,15 @@ def decode(
     (header_len,) = struct.unpack("<Q", data[:8])
     try:
         header = json.loads(data[8 : 8 + header_len])
-        arrays = _st_load(data)
+        arrays = _views(data, header_len)
+        if arrays is None:
+            arrays = _st_load(data)
     except (SafetensorError, ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise WireFormatError("malformed", f"payload is not valid safetensors: {exc}") from exc
+    except KeyError as exc:  # safetensors.numpy has no numpy type for this dtype (e.g. BF16)
+        raise WireFormatError(
+            "tensor_dtype", f"a tensor has dtype {exc}, which numpy cannot hold; allowed: F16, F32, F64"
+        ) from None
     metadata = {str(k): str(v) for k, v in (header.get("__metadata__") or {}).items()}
     order = _tensor_order(metadata, arrays)
     weights = {name: arrays[name] for name in order}
@@ -158,6 +190,80 @@ def decode(
         spec.check(weights)
     metadata.pop(_ORDER_KEY, None)
     return weights, metadata
+
+
+def _views(data: bytes, header_len: int) -> dict[str, np.ndarray] | None:
+    """Zero-copy arrays for a plain payload, or None to leave the payload to safetensors.
+
+    Taken only when everything safetensors checks holds, and a little more: a UTF-8 JSON object
+    header with no duplicate key and no NaN/Infinity literal; string metadata; every tensor exactly
+    ``dtype`` (F16, F32 or F64), ``shape`` and ``data_offsets`` of unsigned 64-bit integers; the
+    tensors back to back from offset 0 to the end of the payload, each holding exactly
+    prod(shape) x itemsize bytes, aligned to its itemsize. The arrays are read-only views into
+    ``data`` (which they keep alive).
+    """
+    try:
+        text = data[8 : 8 + header_len].decode("utf-8")
+        header = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(header, dict) or not header.keys() - {"__metadata__"}:
+        return None
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(_utf8(k) and _utf8(v) for k, v in metadata.items()):
+        return None
+    tensors = []
+    for name, info in header.items():
+        if not _utf8(name) or not isinstance(info, dict) or info.keys() != {"dtype", "shape", "data_offsets"}:
+            return None
+        code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        dtype = _VIEW_DTYPES.get(code) if isinstance(code, str) else None
+        if dtype is None or not _u64_list(shape) or not _u64_list(offsets) or len(offsets) != 2:
+            return None
+        tensors.append((offsets[0], offsets[1], name, dtype, tuple(shape)))
+    body = 8 + header_len
+    position = 0
+    for begin, end, _, dtype, shape in sorted(tensors):
+        misaligned = (body + begin) % dtype.itemsize
+        if begin != position or end - begin != math.prod(shape) * dtype.itemsize or misaligned:
+            return None
+        position = end
+    if body + position != len(data):
+        return None
+    return {
+        name: np.frombuffer(data, dtype, count=math.prod(shape), offset=body + begin).reshape(shape)
+        for begin, _, name, dtype, shape in tensors
+    }
+
+
+class _NotPlain(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise _NotPlain("duplicate key")
+    return result
+
+
+def _no_constant(name: str) -> object:
+    raise _NotPlain(f"{name} is not JSON")
+
+
+def _utf8(value: object) -> bool:
+    """A string Rust can hold too (no lone surrogate from a ``\\ud800`` escape)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _u64_list(value: object) -> bool:
+    return isinstance(value, list) and all(type(v) is int and 0 <= v < _U64_LIMIT for v in value)
 
 
 def _tensor_order(metadata: dict[str, str], arrays: Mapping[str, np.ndarray]) -> list[str]:

@@ -74,3 +74,58 @@ def test_delta_norm_and_cast_helpers():
     assert moved["a"].dtype == np.float64
     assert global_norm(moved) == pytest.approx(5.0)  # sqrt(3^2 + 4^2) across both tensors
     assert {k: v.dtype for k, v in cast_like(moved, base).items()} == {"a": np.float32, "b": np.float16}
+
+
+def test_float32_sums_of_200_updates_stay_within_float32_roundings_of_a_float64_reference():
+    # GIVEN 200 float32 updates of different scales and example counts from 1 to 5000
+    rng = np.random.default_rng(7)
+    clients = [rng.normal(size=20_000).astype(np.float32) * (1 + i % 5) for i in range(200)]
+    examples = rng.integers(1, 5000, size=len(clients))
+
+    # WHEN WeightedSum streams them (it sums float32 tensors in float32)
+    running = WeightedSum({"w": clients[0]})
+    for weights, n in zip(clients, examples, strict=True):
+        running.add({"w": weights}, float(n))
+    mean = running.mean()["w"]
+
+    # THEN the mean is within 1e-6 of the inputs' largest magnitude (about 8 float32 epsilons) of
+    # the float64 batch formula; cancellation makes relative error near zero meaningless.
+    reference = np.tensordot(examples.astype(np.float64), np.stack(clients).astype(np.float64), axes=1)
+    reference /= examples.sum()
+    scale = max(float(np.abs(c).max()) for c in clients)
+    assert mean.dtype == np.float32
+    np.testing.assert_allclose(mean, reference, rtol=0, atol=1e-6 * scale)
+
+
+def test_blocks_cover_every_value_of_tensors_larger_than_a_block(monkeypatch):
+    # GIVEN blocks of 7 values and tensors of 50 values (7 full blocks and a remainder), 3 and a scalar
+    monkeypatch.setattr(WeightedSum, "BLOCK", 7)
+    rng = np.random.default_rng(3)
+    clients = [
+        {
+            "big": rng.normal(size=(5, 10)).astype(np.float32),
+            "small": rng.normal(size=3),
+            "one": np.asarray(np.float32(i)),
+        }
+        for i in range(4)
+    ]
+    examples = [1.0, 2.0, 3.0, 4.0]
+
+    running = WeightedSum(clients[0])
+    for weights, n in zip(clients, examples, strict=True):
+        running.add(weights, n)
+    mean = running.mean()
+
+    for name in clients[0]:
+        expected = sum(n * c[name].astype(np.float64) for c, n in zip(clients, examples, strict=True)) / 10
+        assert mean[name].shape == clients[0][name].shape
+        np.testing.assert_allclose(mean[name], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_weighted_sum_can_be_asked_to_sum_float32_in_float64():
+    big, small = np.array([1e8], np.float32), np.array([1.0], np.float32)
+    running = WeightedSum({"w": big}, dtype=np.float64)
+    for weights in (big, small, -big):
+        running.add({"w": weights}, 1.0)
+    # float32 sums would lose the 1.0 next to 1e8; float64 ones keep it (1/3 of it, as a mean).
+    np.testing.assert_allclose(running.mean()["w"], [1 / 3], rtol=1e-6)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import struct
 import zipfile
 
 import numpy as np
@@ -185,3 +186,98 @@ def test_encode_refuses_non_finite_and_integer_tensors():
     with pytest.raises(WireFormatError) as info:
         encode({"w": np.array([1, 2], np.int32)})
     assert info.value.reason == "tensor_dtype"
+
+
+# --- zero-copy decoding ----------------------------------------------------------------------------
+
+
+def test_plain_payload_decodes_to_read_only_views_of_its_bytes(model):
+    data = encode(model)
+
+    weights, _ = decode(data, ModelSpec.of(model))
+
+    payload = np.frombuffer(data, np.uint8)
+    for name, array in weights.items():
+        assert np.shares_memory(array, payload), name
+        assert not array.flags.writeable
+        np.testing.assert_array_equal(array, model[name])
+
+
+def test_finite_values_whose_sum_overflows_are_accepted():
+    # The fast finiteness check sums the tensor; an overflowing sum falls back to the exact check.
+    weights = {"w": np.full(4, 3e38, np.float32), "h": np.full(4, 60000.0, np.float16)}
+    decoded, _ = decode(encode(weights))
+    np.testing.assert_array_equal(decoded["w"], weights["w"])
+    np.testing.assert_array_equal(decoded["h"], weights["h"])
+
+
+def _payload(header: str, body: bytes, pad_to: int = 8) -> bytes:
+    raw = header.encode()
+    raw += b" " * (-(8 + len(raw)) % pad_to)
+    return struct.pack("<Q", len(raw)) + raw + body
+
+
+_F32 = np.arange(1, 5, dtype=np.float32).tobytes()  # 16 bytes: 1, 2, 3, 4
+
+
+def _t(name: str, shape: str, offsets: str, dtype: str = "F32", extra: str = "") -> str:
+    """One tensor entry of a header, as raw JSON text (so duplicates and NaN can be written)."""
+    return f'"{name}":{{"dtype":"{dtype}","shape":{shape},"data_offsets":{offsets}{extra}}}'
+
+
+def _h(*entries: str) -> str:
+    return "{" + ",".join(entries) + "}"
+
+
+_HEADERS = {
+    "plain": _h(_t("a", "[2]", "[0,8]"), _t("b", "[2]", "[8,16]")),
+    "listed out of order": _h(_t("b", "[2]", "[8,16]"), _t("a", "[2]", "[0,8]")),
+    "empty tensor": _h(_t("a", "[4,0]", "[0,0]"), _t("b", "[4]", "[0,16]")),
+    "metadata": _h('"__metadata__":{"k":"v"}', _t("a", "[2]", "[0,16]", "F64")),
+    "gap": _h(_t("a", "[1]", "[0,4]"), _t("b", "[2]", "[8,16]")),
+    "not from zero": _h(_t("a", "[3]", "[4,16]")),
+    "short of the end": _h(_t("a", "[3]", "[0,12]")),
+    "overlap": _h(_t("a", "[4]", "[0,16]"), _t("b", "[1]", "[0,4]")),
+    "size differs from shape": _h(_t("a", "[3]", "[0,16]")),
+    "duplicate name": _h(_t("a", "[4]", "[0,16]"), _t("a", "[2]", "[0,8]")),
+    "extra field": _h(_t("a", "[4]", "[0,16]", extra=',"x":1')),
+    "bf16": _h(_t("a", "[8]", "[0,16]", "BF16")),
+    "int32": _h(_t("a", "[4]", "[0,16]", "I32")),
+    "unknown dtype": _h(_t("a", "[4]", "[0,16]", "F33")),
+    "dtype not a string": '{"a":{"dtype":["F32"],"shape":[4],"data_offsets":[0,16]}}',
+    "empty tensor at the end": _h(_t("a", "[4]", "[0,16]"), _t("b", "[0]", "[16,16]")),
+    "float shape": _h(_t("a", "[4.0]", "[0,16]")),
+    "bool shape": _h(_t("a", "[true]", "[0,4]"), _t("b", "[3]", "[4,16]")),
+    "negative shape": _h(_t("a", "[-4]", "[0,16]")),
+    "three offsets": _h(_t("a", "[4]", "[0,16,16]")),
+    "huge shape": _h(_t("a", "[18446744073709551616]", "[0,16]")),
+    "NaN literal": _h('"__metadata__":{"k":NaN}', _t("a", "[4]", "[0,16]")),
+    "number metadata": _h('"__metadata__":{"k":1}', _t("a", "[4]", "[0,16]")),
+    "lone surrogate": _h(_t("\\ud800", "[4]", "[0,16]")),
+    "no tensors": _h('"__metadata__":{"k":"v"}'),
+    "tensor info not an object": '{"a":[1,2]}',
+}
+
+
+def _outcome(data: bytes) -> tuple:
+    try:
+        weights, metadata = decode(data)
+    except WireFormatError as exc:
+        return ("rejected", exc.reason)
+    return ("accepted", {n: (a.dtype.str, a.shape, a.tobytes()) for n, a in weights.items()}, metadata)
+
+
+@pytest.mark.parametrize("pad_to", [8, 1], ids=["aligned", "unaligned"])
+@pytest.mark.parametrize("case", list(_HEADERS))
+def test_zero_copy_decoding_accepts_and_rejects_exactly_what_safetensors_does(case, pad_to, monkeypatch):
+    # GIVEN a hand-written header over 16 bytes of data (and 4 more for "short of the end")
+    body = _F32 + (bytes(4) if case == "short of the end" else b"")
+    data = _payload(_HEADERS[case], body, pad_to)
+
+    # WHEN it is decoded, and decoded again with the zero-copy path switched off (safetensors parses)
+    fast = _outcome(data)
+    monkeypatch.setattr("fedstream.weights._views", lambda *_: None)
+    reference = _outcome(data)
+
+    # THEN both give the same tensors, or the same reason to refuse
+    assert fast == reference
