@@ -113,7 +113,8 @@ def run_client(args: argparse.Namespace) -> int:
 
     def on_event(event: str, fields: dict[str, Any]) -> None:
         if args.events:
-            print(json.dumps({"event": event, "client_id": settings.client_id, **fields}), flush=True)
+            line = {"event": event, "client_id": settings.client_id, "at": time.time(), **fields}
+            print(json.dumps(line), flush=True)
 
     client = FederatedClient(settings, trainer, on_event=on_event)
     client.install_signal_handlers()

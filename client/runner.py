@@ -33,6 +33,8 @@ from fedstream.weights import ModelSpec, Weights, WireFormatError, decode, encod
 log = logging.getLogger("fedstream.client")
 _MESSAGE = pydantic.TypeAdapter(Message)
 UPDATE_TAG = "fedstream%3Aobject=update"
+RECEIVE_BATCH = 10  # SQS's maximum per receive
+MAX_DRAINED = 200  # messages read before acting on them, when the queue has a backlog
 
 
 class Stopped(Exception):
@@ -83,12 +85,12 @@ class FederatedClient:
         self.on_event("ready", {})
         idle_since = time.monotonic()
         while not self.stop.is_set():
-            messages = self.sqs.receive_message(
-                QueueUrl=self.settings.queue_url,
-                MaxNumberOfMessages=10,
-                WaitTimeSeconds=self.settings.wait_seconds,
-                VisibilityTimeout=self.settings.visibility_timeout,
-            ).get("Messages", [])
+            messages = self._receive(self.settings.wait_seconds)
+            if len(messages) == RECEIVE_BATCH:
+                # A full batch: more are waiting. Read them all, so training starts from the newest
+                # version on the queue rather than from the oldest ten (async mode publishes often).
+                while len(messages) < MAX_DRAINED and len(batch := self._receive(0)) > 0:
+                    messages += batch
             if not messages:
                 if max_idle_seconds is not None and time.monotonic() - idle_since > max_idle_seconds:
                     log.warning("no message for %.0f s; giving up", max_idle_seconds)
@@ -100,30 +102,39 @@ class FederatedClient:
                 return done
         return 0
 
+    def _receive(self, wait_seconds: int) -> list[dict[str, Any]]:
+        return self.sqs.receive_message(
+            QueueUrl=self.settings.queue_url,
+            MaxNumberOfMessages=RECEIVE_BATCH,
+            WaitTimeSeconds=wait_seconds,
+            VisibilityTimeout=self.settings.visibility_timeout,
+        ).get("Messages", [])
+
     def _handle_batch(self, messages: list[dict[str, Any]]) -> int | None:
         parsed: list[tuple[dict[str, Any], ModelReady | TrainingComplete]] = []
+        done_with: list[dict[str, Any]] = []
         for message in messages:
             try:
                 parsed.append((message, _MESSAGE.validate_json(message["Body"])))
             except pydantic.ValidationError as exc:
                 self.stats.rejected_messages += 1
                 log.error("message rejected: not a fedstream message (%d errors)", exc.error_count())
-                self._delete(message)
+                done_with.append(message)
         complete = [(m, p) for m, p in parsed if isinstance(p, TrainingComplete)]
         if complete:
-            for message, _ in parsed:
-                self._delete(message)
+            self._delete_all(done_with + [message for message, _ in parsed])
             _, body = complete[0]
             self.on_event("complete", {"reason": body.reason, "final_version": body.final_version})
             log.info("training complete (%s)", body.reason)
             return 0 if body.reason == "done" else 4
         ready = sorted((p.version, i) for i, (_, p) in enumerate(parsed) if isinstance(p, ModelReady))
-        if not ready:
-            return None
-        newest = ready[-1][1]
+        newest = ready[-1][1] if ready else None
         for _, index in ready[:-1]:  # a newer version supersedes older ones in the same batch
             self.stats.skipped += 1
-            self._delete(parsed[index][0])
+            done_with.append(parsed[index][0])
+        self._delete_all(done_with)
+        if newest is None:
+            return None
         message, body = parsed[newest]
         assert isinstance(body, ModelReady)
         if body.version <= self.stats.last_version:
@@ -223,6 +234,16 @@ class FederatedClient:
             if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
                 raise
             log.info("record for version %s already written; not counted twice", record.base_version)
+
+    def _delete_all(self, messages: list[dict[str, Any]]) -> None:
+        for start in range(0, len(messages), RECEIVE_BATCH):
+            batch = messages[start : start + RECEIVE_BATCH]
+            entries = [{"Id": str(n), "ReceiptHandle": m["ReceiptHandle"]} for n, m in enumerate(batch)]
+            failed = self.sqs.delete_message_batch(QueueUrl=self.settings.queue_url, Entries=entries).get(
+                "Failed", []
+            )
+            for failure in failed:  # the message comes back after its visibility timeout; harmless
+                log.warning("could not delete a superseded message: %s", failure.get("Message"))
 
     def _delete(self, message: dict[str, Any]) -> None:
         self.sqs.delete_message(QueueUrl=self.settings.queue_url, ReceiptHandle=message["ReceiptHandle"])

@@ -95,7 +95,8 @@ class ThreadClient(threading.Thread):
 
     def _on_event(self, event: str, fields: dict[str, Any]) -> None:
         with self._log_lock:
-            self._log.write(json.dumps({"event": event, "client_id": self.client_id, **fields}) + "\n")
+            line = {"event": event, "client_id": self.client_id, "at": time.time(), **fields}
+            self._log.write(json.dumps(line) + "\n")
         if event == "ready":
             self._ready.set()
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 import threading
 import urllib.request
 from dataclasses import dataclass
@@ -109,17 +111,49 @@ def make_sns_publish_reach_every_subscription() -> None:
     Topic._fedstream_all_subscriptions = True
 
 
+def serve_in_this_process() -> tuple[Any, int]:
+    """Start a patched ``ThreadedMotoServer`` on loopback with Step Functions executions on."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    make_dynamodb_item_operations_atomic()
+    make_sns_publish_reach_every_subscription()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    _, port = server.get_host_and_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    # moto's state machine interpreter calls SNS, SQS and DynamoDB at localhost:$MOTO_PORT.
+    os.environ.update(aws_environment(endpoint, int(port)))
+    request = urllib.request.Request(  # noqa: S310 - http on loopback only
+        f"{endpoint}/moto-api/config",
+        data=json.dumps({"stepfunctions": {"execute_state_machine": True}}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    urllib.request.urlopen(request, timeout=10).read()  # noqa: S310 - http on loopback only
+    return server, int(port)
+
+
+def main() -> None:
+    """``python -m fedstream.local.embedded``: serve, print the port, stop when stdin closes."""
+    server, port = serve_in_this_process()
+    print(port, flush=True)
+    sys.stdin.read()
+    server.stop()
+
+
 class EmbeddedAWS:
-    """A ``ThreadedMotoServer`` on loopback with Step Functions executions switched on."""
+    """The embedded AWS: a moto server on 127.0.0.1, in a process of its own.
 
-    def __init__(self) -> None:
-        from moto.server import ThreadedMotoServer
+    A separate process is what the handlers and clients would talk to in the cloud: a service
+    over HTTP that does not share their interpreter (nor its lock) and whose state they cannot
+    touch. ``in_process=True`` runs the server on a thread of this process instead.
+    """
 
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)
-        make_dynamodb_item_operations_atomic()
-        make_sns_publish_reach_every_subscription()
-
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    def __init__(self, in_process: bool = False) -> None:
+        self.in_process = in_process
+        self._server: Any = None
+        self._process: subprocess.Popen[str] | None = None
         self.port = 0
         self.endpoint = ""
         self._session: boto3.Session | None = None
@@ -133,21 +167,35 @@ class EmbeddedAWS:
         self.stop()
 
     def start(self) -> None:
-        self._server.start()
-        _, port = self._server.get_host_and_port()
-        self.port = int(port)
+        if self.in_process:
+            self._server, self.port = serve_in_this_process()
+        else:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "fedstream.local.embedded"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert self._process.stdout is not None
+            line = self._process.stdout.readline()
+            if not line.strip().isdigit():
+                self._process.kill()
+                raise RuntimeError(f"the embedded AWS did not start (it printed {line!r})")
+            self.port = int(line)
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        request = urllib.request.Request(  # noqa: S310 - http on loopback only
-            f"{self.endpoint}/moto-api/config",
-            data=json.dumps({"stepfunctions": {"execute_state_machine": True}}).encode(),
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
-        urllib.request.urlopen(request, timeout=10).read()  # noqa: S310 - http on loopback only
         os.environ.update(aws_environment(self.endpoint, self.port))
 
     def stop(self) -> None:
-        self._server.stop()
+        if self._server is not None:
+            self._server.stop()
+        if self._process is not None:
+            assert self._process.stdin is not None
+            self._process.stdin.close()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
 
     def session(self) -> boto3.Session:
         """One session for the process: it loads each service model once."""
@@ -270,3 +318,7 @@ def create_resources(aws: EmbeddedAWS, prefix: str, client_ids: list[str], mode:
         stream_arn=stream_arn,
         state_machine_arn=state_machine_arn,
     )
+
+
+if __name__ == "__main__":
+    main()

@@ -76,8 +76,11 @@ class Poller(threading.Thread):
             "redelivered": self.redelivered,
         }
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop polling and wait for the current call to end (a queue's long poll is 1 s)."""
         self._stop_event.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout)
 
     def drain(self, quiet_seconds: float = 1.0, timeout: float = 30.0) -> None:
         """Wait until nothing was delivered for ``quiet_seconds`` (or ``timeout`` passed)."""
