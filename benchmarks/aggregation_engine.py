@@ -42,31 +42,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from aggregation_memory import examples, model_spec  # the same models and example counts
 
 from fedstream.aggregation import WeightedSum
-from fedstream.weights import ModelSpec, TensorSpec, Weights, decode, encode
+from fedstream.weights import ModelSpec, Weights, decode, encode
 
 VARIANTS = ("generate-only", "streaming", "naive", "np.add")
 MIB = 1024 * 1024
 GIB = 1024 * MIB
 K_FOR_SPEEDUP = 50
-
-
-def model_spec(num_params: int) -> ModelSpec:
-    """Four float32 tensors (two kernels, two biases) holding ``num_params`` values in total."""
-    bias = min(1000, num_params // 100)
-    kernels = num_params - 2 * bias
-    sizes = {
-        "dense_1/kernel": kernels // 2,
-        "dense_1/bias": bias,
-        "dense_2/kernel": kernels - kernels // 2,
-        "dense_2/bias": bias,
-    }
-    return ModelSpec(tuple(TensorSpec(name, (size,), "float32") for name, size in sizes.items()))
-
-
-def examples(seed: int, clients: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(100, 1000, size=clients)
 
 
 def incoming(spec: ModelSpec, seed: int, clients: int) -> Iterator[bytes]:

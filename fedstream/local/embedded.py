@@ -138,6 +138,9 @@ def main() -> None:
     """``python -m fedstream.local.embedded``: serve, print the port, stop when stdin closes."""
     server, port = serve_in_this_process()
     print(port, flush=True)
+    # Nobody reads this pipe any more: a full one would block the server.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
     sys.stdin.read()
     server.stop()
 
