@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -71,6 +72,93 @@ def make_dynamodb_item_operations_atomic() -> None:
     DynamoDBBackend._fedstream_atomic = True
 
 
+def make_dynamodb_transactions_item_scoped() -> None:
+    """Roll a failed DynamoDB transaction back item by item, not by copying whole tables.
+
+    moto's ``transact_write_items`` deep-copies every table it touches before each transaction, so
+    its cost grows with the table: an async run, which writes one marker item per update, slows
+    down update after update. This version checks every condition first (item operations are
+    serialised, see :func:`make_dynamodb_item_operations_atomic`) and cancels with the reasons
+    before writing anything, as DynamoDB does; only then does it write, keeping copies of just the
+    items it touches in case a write fails.
+    """
+    from moto.dynamodb.comparisons import get_filter_expression
+    from moto.dynamodb.exceptions import (
+        MultipleTransactionsException,
+        TooManyTransactionsException,
+        TransactionCanceledException,
+    )
+    from moto.dynamodb.models import DynamoDBBackend
+
+    if getattr(DynamoDBBackend, "_fedstream_item_scoped", False):
+        return
+
+    def transact_write_items(self: Any, transact_items: list[dict[str, Any]]) -> None:
+        if len(transact_items) > 100:
+            raise TooManyTransactionsException()
+        operations = []
+        seen: set[tuple[str, str]] = set()
+        for entry in transact_items:
+            op_type, op = next(iter(entry.items()))
+            table = self.get_table(op["TableName"])
+            if op_type == "Put":
+                key = {table.hash_key_attr: op["Item"][table.hash_key_attr]}
+                if table.range_key_attr is not None:
+                    key[table.range_key_attr] = op["Item"][table.range_key_attr]
+            else:
+                key = op["Key"]
+            identity = (op["TableName"], str(sorted(key.items())))
+            if identity in seen:
+                raise MultipleTransactionsException()
+            seen.add(identity)
+            operations.append((op_type, op, table, key))
+        errors: list[tuple[str | None, str | None, Any]] = []
+        for _, op, _, key in operations:
+            current = self.get_item(op["TableName"], key)
+            condition = op.get("ConditionExpression")
+            holds = condition is None or get_filter_expression(
+                condition, op.get("ExpressionAttributeNames"), op.get("ExpressionAttributeValues")
+            ).expr(current)
+            errors.append(
+                (None, None, None)
+                if holds
+                else ("ConditionalCheckFailed", "The conditional request failed", None)
+            )
+        if any(code is not None for code, _, _ in errors):
+            raise TransactionCanceledException(errors)
+        snapshots = []
+        for _, _op, table, key in operations:
+            hash_key, range_key = self.get_keys_value(table, key)
+            snapshots.append((table, hash_key, range_key, copy.deepcopy(table.get_item(hash_key, range_key))))
+        try:
+            for op_type, op, _, key in operations:
+                names, values = op.get("ExpressionAttributeNames"), op.get("ExpressionAttributeValues")
+                if op_type == "Put":
+                    self.put_item(op["TableName"], op["Item"])
+                elif op_type == "Delete":
+                    self.delete_item(op["TableName"], key)
+                elif op_type == "Update":
+                    self.update_item(
+                        op["TableName"],
+                        key,
+                        update_expression=op["UpdateExpression"],
+                        expression_attribute_names=names,
+                        expression_attribute_values=values,
+                    )
+        except Exception:
+            for table, hash_key, range_key, item in snapshots:
+                holder = table.items[hash_key] if range_key is not None else table.items
+                slot = range_key if range_key is not None else hash_key
+                if item is None:
+                    holder.pop(slot, None)
+                else:
+                    holder[slot] = item
+            raise
+
+    DynamoDBBackend.transact_write_items = transact_write_items
+    DynamoDBBackend._fedstream_item_scoped = True
+
+
 def make_sns_publish_reach_every_subscription() -> None:
     """Deliver a topic's messages to all its subscriptions, as SNS does.
 
@@ -116,6 +204,7 @@ def serve_in_this_process() -> tuple[Any, int]:
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    make_dynamodb_transactions_item_scoped()
     make_dynamodb_item_operations_atomic()
     make_sns_publish_reach_every_subscription()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
