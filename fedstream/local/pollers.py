@@ -21,6 +21,7 @@ Handler = Callable[[dict[str, Any], Any], dict[str, Any]]
 
 # One Lambda container runs one invocation at a time; the in-process runtime does the same.
 INVOKE_LOCK = threading.Lock()
+SHARD_LIST_SECONDS = 10.0  # how often the stream's shards are listed again
 
 
 @dataclass
@@ -108,6 +109,8 @@ class StreamPoller(Poller):
         super().__init__(f"stream-poller-{function_name}")
         # Fault injection: each of the first N batches read is delivered twice, as a stream may.
         self.redeliver_batches = redeliver_batches
+        self._shards: list[dict[str, Any]] = []
+        self._shards_listed_at = -SHARD_LIST_SECONDS
         self.dead_letter = dead_letter
         self.streams, self.stream_arn, self.handler = streams, stream_arn, handler
         self.function_name, self.batch_size, self.max_retries = function_name, batch_size, max_retries
@@ -129,8 +132,11 @@ class StreamPoller(Poller):
                 self._stop_event.wait(0.5)
 
     def _read(self, iterators: dict[str, str | None]) -> list[dict[str, Any]]:
-        shards = self.streams.describe_stream(StreamArn=self.stream_arn)["StreamDescription"]["Shards"]
-        for shard in shards:
+        if time.monotonic() - self._shards_listed_at > SHARD_LIST_SECONDS:  # as Lambda, not every poll
+            description = self.streams.describe_stream(StreamArn=self.stream_arn)["StreamDescription"]
+            self._shards = description["Shards"]
+            self._shards_listed_at = time.monotonic()
+        for shard in self._shards:
             if shard["ShardId"] not in iterators:
                 iterators[shard["ShardId"]] = self.streams.get_shard_iterator(
                     StreamArn=self.stream_arn, ShardId=shard["ShardId"], ShardIteratorType="TRIM_HORIZON"

@@ -350,6 +350,7 @@ def _commit(
             raise ConditionFailed(condition) from exc
         raise
     if outcome.outcome == "applied":
+        store.remember_global_model(run_id, outcome.version, key, data)  # the next update mixes into it
         # The conditional flip made this exactly the stored state (the rejected counter aside).
         fresh = {
             **state,

@@ -118,11 +118,14 @@ class Store:
                 self._models.move_to_end(cache_key)
                 return self._models[cache_key]
         key = key or keys.global_key(run_id, version)
-        data = self.get_bytes(key)
+        return self.remember_global_model(run_id, version, key, self.get_bytes(key))
+
+    def remember_global_model(self, run_id: str, version: int, key: str, data: bytes) -> GlobalModel:
+        """Cache a version from its bytes: one just published need not be downloaded again."""
         weights, metadata = decode(data, max_bytes=self.settings.max_model_bytes)
         model = GlobalModel(version, key, sha256_hex(data), weights, metadata)
         with self._lock:
-            self._models[cache_key] = model
+            self._models[(run_id, version)] = model
             while len(self._models) > 8:
                 self._models.popitem(last=False)
         return model

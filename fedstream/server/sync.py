@@ -531,6 +531,7 @@ def _aggregate_and_publish(
         current = store.run_state(run_id) or {}
         if current.get("version") != new_version or current.get("global_key") != key:
             raise
+    store.remember_global_model(run_id, new_version, key, data)  # the next round starts from it
     faults.point("aggregate.after_flip")
     opened = round_item.get("opened_at")
     duration = None
