@@ -26,6 +26,7 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/aggregation_memory.py
 	$(BIN)/python benchmarks/aggregation_engine.py --quick
+	$(BIN)/python benchmarks/round_overhead.py --rounds 5 --updates 20
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
