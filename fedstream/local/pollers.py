@@ -62,7 +62,7 @@ class Poller(threading.Thread):
         self._stop_event = threading.Event()
         self.invocations = 0
         self.failures = 0
-        self.last_activity = time.monotonic()
+        self.found_empty_at = 0.0  # when a read last found nothing to deliver
         self.dead_letters: list[dict[str, Any]] = []
         self.delivered = 0
         self.redelivered = 0
@@ -83,11 +83,14 @@ class Poller(threading.Thread):
         if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout)
 
-    def drain(self, quiet_seconds: float = 1.0, timeout: float = 30.0) -> None:
-        """Wait until nothing was delivered for ``quiet_seconds`` (or ``timeout`` passed)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and time.monotonic() - self.last_activity < quiet_seconds:
-            time.sleep(0.1)
+    def drain(self, timeout: float = 30.0) -> None:
+        """Wait until the source is found empty after this call began (or ``timeout`` passed).
+
+        Once the producers have stopped, that means every record in it was delivered.
+        """
+        began = time.monotonic()
+        while time.monotonic() - began < timeout and self.found_empty_at <= began and self.is_alive():
+            time.sleep(0.05)
 
 
 class StreamPoller(Poller):
@@ -124,6 +127,7 @@ class StreamPoller(Poller):
                 if not pending:
                     pending = self._read(iterators)
                 if not pending:
+                    self.found_empty_at = time.monotonic()
                     self._stop_event.wait(self.idle_sleep)
                     continue
                 pending = self._deliver(pending)
@@ -168,7 +172,6 @@ class StreamPoller(Poller):
         rest = batch[self.batch_size :]
         while records and not self._stop_event.is_set():
             try:
-                self.last_activity = time.monotonic()
                 response = invoke(self.handler, {"Records": records}, self.function_name)
                 failed = [f["itemIdentifier"] for f in response.get("batchItemFailures", [])]
             except Exception:
@@ -218,6 +221,8 @@ class QueuePoller(Poller):
                 ).get("Messages", [])
                 if messages:
                     self._deliver(messages)
+                else:
+                    self.found_empty_at = time.monotonic()
             except Exception:
                 log.exception("queue poller error; retrying")
                 self._stop_event.wait(0.5)
@@ -237,7 +242,6 @@ class QueuePoller(Poller):
             }
             for m in messages
         ]
-        self.last_activity = time.monotonic()
         try:
             response = invoke(self.handler, {"Records": records}, self.function_name)
             failed = {f["itemIdentifier"] for f in response.get("batchItemFailures", [])}

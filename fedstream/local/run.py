@@ -216,7 +216,7 @@ def run_local(config: LocalRunConfig) -> RunSummary:
             client_faults.release()
             codes = stop_clients(clients, config.client_timeout if status == "SUCCEEDED" else 5)
             for poller in pollers:
-                poller.drain()
+                poller.drain(timeout=120.0)  # every record gets its verdict, up to a point
                 poller.stop()
             injected = {**faults.fired(), **service_faults.injected, **dict.fromkeys(client_faults.done, 1)}
             faults.disarm()
