@@ -90,7 +90,6 @@ class ThreadClient(threading.Thread):
         self._log_lock = threading.Lock()
         self._ready = threading.Event()
         self.exit_code: int | None = None
-        self.restarts = 0
         client.on_event = self._on_event
 
     def _on_event(self, event: str, fields: dict[str, Any]) -> None:
