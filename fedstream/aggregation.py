@@ -141,8 +141,9 @@ class WeightedSum:
     each tensor's original dtype.
     """
 
-    # Values per block: 4 MiB of float32 scratch, small enough to stay in cache.
-    BLOCK = 1 << 20
+    # Values per block: 256 KiB of float32 scratch, which stays in L2 while it is written and read
+    # (1 << 20 values ran 12% slower here, 1 << 12 values 68% slower: per-call overhead).
+    BLOCK = 1 << 16
 
     def __init__(self, like: Weights, dtype: npt.DTypeLike | None = None) -> None:
         self._dtypes = {name: array.dtype for name, array in like.items()}
@@ -158,6 +159,13 @@ class WeightedSum:
         self.count = 0
 
     def add(self, weights: Weights, weight: float) -> None:
+        # An overflow shows up as Inf in the sum, which the host refuses to publish (with its reason).
+        with np.errstate(over="ignore", invalid="ignore"):
+            self._add(weights, weight)
+        self.total_weight += float(weight)
+        self.count += 1
+
+    def _add(self, weights: Weights, weight: float) -> None:
         for name, total in self._sums.items():
             scratch, scale = self._scratch[total.dtype], total.dtype.type(weight)
             sums, values = total.reshape(-1), np.asarray(weights[name]).reshape(-1)
@@ -166,8 +174,6 @@ class WeightedSum:
                 scaled = scratch[: block.size]
                 np.multiply(values[start : start + self.BLOCK], scale, out=scaled, casting="unsafe")
                 np.add(block, scaled, out=block)
-        self.total_weight += float(weight)
-        self.count += 1
 
     def mean(self) -> Weights:
         if self.total_weight <= 0:

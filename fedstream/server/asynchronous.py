@@ -188,7 +188,7 @@ def _apply(
             raise Rejected("stale", f"update is {staleness} versions stale (max {aggregator.max_staleness})")
         current = store.global_model(record.run_id, version, state["global_key"])
         base = _version_model(store, record.run_id, record.base_version)
-        weights, _ = load_update(store, record, current.spec)
+        weights, _, _ = load_update(store, record, current.spec)
         buffer = _load_buffer(store, state)
         update = ClientUpdate(
             record.client_id,
@@ -350,7 +350,8 @@ def _commit(
             raise ConditionFailed(condition) from exc
         raise
     if outcome.outcome == "applied":
-        store.remember_global_model(run_id, outcome.version, key, data)  # the next update mixes into it
+        # The next update mixes into it; it was just encoded (and so checked) here.
+        store.remember_global_model(run_id, outcome.version, key, data, values[":sha"])
         # The conditional flip made this exactly the stored state (the rejected counter aside).
         fresh = {
             **state,

@@ -80,19 +80,30 @@ class Store:
 
     # ---- S3 -------------------------------------------------------------------------------
     def get_bytes(self, key: str) -> bytes:
+        return self.get_object(key)[0]
+
+    def get_object(self, key: str, version_id: str | None = None) -> tuple[bytes, str | None]:
+        """An object's bytes and S3 version id (None on an unversioned bucket).
+
+        With ``version_id``, exactly that version: immutable, so bytes checked once need no
+        second check.
+        """
         limit = self.settings.max_model_bytes
+        kwargs = {"VersionId": version_id} if version_id else {}
         try:
-            response = self.s3.get_object(Bucket=self.settings.bucket, Key=key)
+            response = self.s3.get_object(Bucket=self.settings.bucket, Key=key, **kwargs)
         except ClientError as exc:
-            if is_code(exc, "NoSuchKey", "404", "NotFound"):
-                raise MissingObject(f"s3://{self.settings.bucket}/{key} does not exist") from exc
+            if is_code(exc, "NoSuchKey", "NoSuchVersion", "404", "NotFound"):
+                what = f"version {version_id} of " if version_id else ""
+                raise MissingObject(f"{what}s3://{self.settings.bucket}/{key} does not exist") from exc
             raise
         if response.get("ContentLength", 0) > limit:
             response["Body"].close()
             raise WireFormatError(
                 "too_large", f"object {key} has {response['ContentLength']} bytes > {limit}"
             )
-        return response["Body"].read()
+        version = response.get("VersionId")
+        return response["Body"].read(), (None if version in (None, "null") else str(version))
 
     def put_once(self, key: str, data: bytes) -> bool:
         """Write-once put; False when the key already exists (nothing is overwritten)."""
@@ -120,10 +131,16 @@ class Store:
         key = key or keys.global_key(run_id, version)
         return self.remember_global_model(run_id, version, key, self.get_bytes(key))
 
-    def remember_global_model(self, run_id: str, version: int, key: str, data: bytes) -> GlobalModel:
-        """Cache a version from its bytes: one just published need not be downloaded again."""
-        weights, metadata = decode(data, max_bytes=self.settings.max_model_bytes)
-        model = GlobalModel(version, key, sha256_hex(data), weights, metadata)
+    def remember_global_model(
+        self, run_id: str, version: int, key: str, data: bytes, sha256: str | None = None
+    ) -> GlobalModel:
+        """Cache a version from its bytes: one just published need not be downloaded again.
+
+        A caller that just encoded ``data`` (so its values were checked) passes its ``sha256``,
+        and neither the hash nor the NaN/Inf scan is repeated.
+        """
+        weights, metadata = decode(data, max_bytes=self.settings.max_model_bytes, check_finite=sha256 is None)
+        model = GlobalModel(version, key, sha256 or sha256_hex(data), weights, metadata)
         with self._lock:
             self._models[(run_id, version)] = model
             while len(self._models) > 8:

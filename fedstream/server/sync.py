@@ -107,77 +107,88 @@ class ObjectRef(Protocol):
 
 @dataclass(frozen=True)
 class ValidatedReport:
-    """What registration checked, kept on the round item; the close aggregates exactly this."""
+    """What registration checked, kept on the round item; the close aggregates exactly this.
+
+    ``version_id`` pins the S3 object version that passed the checks (None on an unversioned
+    bucket): the close reads that version, which nobody can change, so it skips the sha256 and
+    NaN/Inf passes registration already made over the same bytes.
+    """
 
     object_key: str
     sha256: str
     num_examples: int
     metrics: dict[str, float]
+    version_id: str | None = None
 
     @classmethod
-    def of(cls, record: UpdateRecord) -> ValidatedReport:
-        return cls(record.object_key, record.sha256, record.num_examples, record.metrics.as_dict())
+    def of(cls, record: UpdateRecord, version_id: str | None) -> ValidatedReport:
+        return cls(
+            record.object_key, record.sha256, record.num_examples, record.metrics.as_dict(), version_id
+        )
 
 
 def report_attribute(client_id: str) -> str:
     return f"report#{client_id}"
 
 
-def load_update(store: Store, ref: ObjectRef, spec: ModelSpec) -> tuple[Any, int]:
-    """Download, verify sha256 and decode an update against the global model's spec."""
+def load_update(store: Store, ref: ObjectRef, spec: ModelSpec) -> tuple[Any, int, str | None]:
+    """Download, verify and decode an update against the global model's spec.
+
+    Returns (weights, payload bytes, S3 version id). A ``ValidatedReport`` with a version id is
+    read at that version and only its structure is checked again (see ``ValidatedReport``).
+    """
+    pinned = getattr(ref, "version_id", None)
     try:
-        data = store.get_bytes(ref.object_key)
-        weights, _ = decode(data, spec, max_bytes=store.settings.max_model_bytes, expected_sha256=ref.sha256)
+        data, version_id = store.get_object(ref.object_key, pinned)
+        weights, _ = decode(
+            data,
+            spec,
+            max_bytes=store.settings.max_model_bytes,
+            expected_sha256=None if pinned else ref.sha256,
+            check_finite=not pinned,
+        )
     except MissingObject as exc:
         raise Rejected("missing_object", str(exc)) from None
     except WireFormatError as exc:
         raise Rejected(exc.reason, str(exc)) from None
-    return weights, len(data)
+    return weights, len(data), version_id
 
 
 def register_report(store: Store, settings: HandlerSettings, record: UpdateRecord) -> Registered:
-    """Validate one sync update record and add its client to the round's reports (idempotent)."""
+    """Validate one sync update record and add its client to the round's reports (idempotent).
+
+    The happy path is a cached global model, one download and one conditional write: the
+    condition checks the round's status, version and token, and the client's first report at
+    once. Only a refused write reads the round to say why (``_why_not_registered``).
+    """
     check_identity(record, settings)
-    if store.run_state(record.run_id) is None:
-        raise Rejected("unknown_run", f"run {record.run_id!r} does not exist")
     if record.round is None:
         raise Rejected("malformed_record", "a sync update record must name its round")
-    round_item = store.round_item(record.run_id, record.round)
-    if round_item is None:
-        raise Rejected("unknown_round", f"round {record.round} of run {record.run_id!r} was never opened")
-    stored = round_item.get(report_attribute(record.client_id))
-    if stored and json.loads(stored)["object_key"] == record.object_key:
-        raise Rejected(
-            "duplicate", f"client {record.client_id!r} already reported for round {record.round}, redelivered"
-        )
-    if round_item["status"] != "open":
-        raise Rejected("round_closed", f"round {record.round} is already {round_item['status']}")
-    if record.client_id in round_item.get("reported", []):
-        raise Rejected("duplicate", f"client {record.client_id!r} already reported for round {record.round}")
-    if record.base_version != round_item["version"]:
-        raise Rejected(
-            "wrong_base_version",
-            f"round {record.round} trains version {round_item['version']}, the update is from "
-            f"version {record.base_version}",
-        )
-    load_update(store, record, store.global_model(record.run_id, record.base_version).spec)
+    try:
+        base = store.global_model(record.run_id, record.base_version)
+    except MissingObject:
+        raise _why_not_registered(store, record) from None
+    _, _, version_id = load_update(store, record, base.spec)
 
+    condition = "#status = :open AND NOT contains(reported, :c) AND version = :base"
     values: dict[str, Any] = {
         ":cid": {record.client_id},
         ":one": 1,
         ":open": "open",
         ":c": record.client_id,
-        ":report": json.dumps(asdict(ValidatedReport.of(record))),
+        ":base": record.base_version,
+        ":report": json.dumps(asdict(ValidatedReport.of(record, version_id))),
+        ":at": _now().isoformat(),
     }
-    server_token = round_item.get("task_token")
-    if record.task_token and server_token and record.task_token != server_token:
-        raise Rejected("task_token_mismatch", "the record's task token is not the round's token")
+    if record.task_token:
+        condition += " AND (attribute_not_exists(task_token) OR task_token = :tok)"
+        values[":tok"] = record.task_token
     try:
         item = store.conditional_update(
             _round_key(record.run_id, record.round),
             "ADD reported :cid, reported_count :one SET last_report_at = :at, #report = :report",
-            "#status = :open AND NOT contains(reported, :c)",
-            {**values, ":at": _now().isoformat()},
+            condition,
+            values,
             {"#status": "status", "#report": report_attribute(record.client_id)},
         )
     except ConditionFailed:
@@ -187,11 +198,34 @@ def register_report(store: Store, settings: HandlerSettings, record: UpdateRecor
 
 
 def _why_not_registered(store: Store, record: UpdateRecord) -> Rejected:
+    """Why a record cannot be registered, read from the round as it is now."""
     assert record.round is not None
-    item = store.round_item(record.run_id, record.round) or {}
+    item = store.round_item(record.run_id, record.round)
+    if item is None:
+        if store.run_state(record.run_id) is None:
+            return Rejected("unknown_run", f"run {record.run_id!r} does not exist")
+        return Rejected("unknown_round", f"round {record.round} of run {record.run_id!r} was never opened")
+    stored = item.get(report_attribute(record.client_id))
+    if stored and json.loads(stored)["object_key"] == record.object_key:
+        return Rejected(
+            "duplicate", f"client {record.client_id!r} already reported for round {record.round}, redelivered"
+        )
+    if item["status"] != "open":
+        return Rejected("round_closed", f"round {record.round} is already {item['status']}")
     if record.client_id in item.get("reported", []):
         return Rejected("duplicate", f"client {record.client_id!r} already reported for round {record.round}")
-    return Rejected("round_closed", f"round {record.round} closed while the update was checked")
+    if record.base_version != item["version"]:
+        return Rejected(
+            "wrong_base_version",
+            f"round {record.round} trains version {item['version']}, the update is from "
+            f"version {record.base_version}",
+        )
+    server_token = item.get("task_token")
+    if record.task_token and server_token and record.task_token != server_token:
+        return Rejected("task_token_mismatch", "the record's task token is not the round's token")
+    return Rejected(
+        "missing_object", f"version {record.base_version} of run {record.run_id!r} has no global model"
+    )
 
 
 def handle_sync_record(
@@ -223,7 +257,9 @@ def handle_sync_record(
         on_registered(registered)
     closed = None
     if registered.reported_count >= registered.required:
-        closed = _close_if_complete(store, settings, registry, record.run_id, record.round or 0)
+        closed = close_round(
+            store, settings, registry, record.run_id, record.round or 0, min_reports=registered.required
+        )
     return registered, closed
 
 
@@ -263,12 +299,15 @@ def prefetch(
             yield item, result
 
 
-def claim_round(store: Store, run_id: str, round_number: int, min_reports: int) -> str | None:
-    """Take the right to aggregate a round; None if it is not ready or someone else holds it."""
+def claim_round(
+    store: Store, run_id: str, round_number: int, min_reports: int
+) -> tuple[str, dict[str, Any]] | None:
+    """Take the right to aggregate a round: (claim id, the round item as claimed), or None if it
+    is not ready or someone else holds it."""
     now = time.time()
     claim_id = uuid.uuid4().hex
     try:
-        store.conditional_update(
+        item = store.conditional_update(
             _round_key(run_id, round_number),
             "SET #status = :agg, claim_id = :claim, claimed_at = :now",
             "(#status = :open AND reported_count >= :min) OR (#status = :agg AND claimed_at < :stale)",
@@ -284,7 +323,7 @@ def claim_round(store: Store, run_id: str, round_number: int, min_reports: int) 
         )
     except ConditionFailed:
         return None
-    return claim_id
+    return claim_id, item
 
 
 def release_claim(store: Store, run_id: str, round_number: int, claim_id: str) -> bool:
@@ -319,16 +358,18 @@ def close_round(
     can be repeated: the new object is write-once and adopted by a retry, the pointer flip is
     conditional and recognised when it already happened, and the callback is sent once per token.
     """
-    claim_id = claim_round(store, run_id, round_number, min_reports)
-    if claim_id is None:
+    claimed = claim_round(store, run_id, round_number, min_reports)
+    if claimed is None:
         return None
-    round_item = store.round_item(run_id, round_number)
+    claim_id, round_item = claimed
     state = store.run_state(run_id)
     assert round_item is not None and state is not None
     base_version = int(round_item["version"])
     token = callback_token or round_item.get("task_token")
     try:
-        closed = _aggregate_and_publish(store, settings, registry, state, round_item, at_deadline)
+        closed, closed_item = _aggregate_and_publish(
+            store, settings, registry, state, round_item, at_deadline
+        )
     except PrivacyBudgetExhausted as exc:
         _fail_round(store, run_id, round_number, token, "PrivacyBudgetExhausted", str(exc))
         raise Rejected(exc.reason, str(exc)) from None
@@ -341,21 +382,28 @@ def close_round(
     assert closed.version == base_version + 1
     faults.point("aggregate.before_callback")
     closed.callback_delivered = deliver_round_result(
-        store, run_id, round_number, finalize_token=callback_token
+        store, run_id, round_number, finalize_token=callback_token, item=closed_item
     )
     return closed
 
 
 def deliver_round_result(
-    store: Store, run_id: str, round_number: int, *, finalize_token: str | None = None
+    store: Store,
+    run_id: str,
+    round_number: int,
+    *,
+    finalize_token: str | None = None,
+    item: Mapping[str, Any] | None = None,
 ) -> bool:
     """Send a closed round's stored result to the waiting task token, at most once per token.
 
     The round's own token comes from the server-side subscriber (``record_round_token``), never
     from a client; whichever of "round closed" and "token known" happens second sends the result.
-    At the deadline the finalize request's token is the one waiting instead.
+    At the deadline the finalize request's token is the one waiting instead. ``item`` is the
+    round as the caller's own write returned it (saves a read).
     """
-    item = store.round_item(run_id, round_number)
+    if item is None:
+        item = store.round_item(run_id, round_number)
     if not item or item.get("status") != "closed":
         return False
     token = finalize_token or item.get("task_token")
@@ -436,7 +484,9 @@ def _aggregate_and_publish(
     state: Mapping[str, Any],
     round_item: Mapping[str, Any],
     at_deadline: bool,
-) -> RoundClosed:
+) -> tuple[RoundClosed, dict[str, Any]]:
+    """Aggregate, write the new version, flip the pointer and mark the round closed; returns the
+    round and the round item as the closing write left it."""
     run_id = str(round_item["run_id"])
     round_number = int(round_item["round"])
     base_version = int(round_item["version"])
@@ -456,7 +506,7 @@ def _aggregate_and_publish(
         if stored is None:
             raise Rejected("missing_record", f"round {round_number} holds no report of {client_id}")
         report = ValidatedReport(**json.loads(stored))
-        weights, size = load_update(store, report, base.spec)
+        weights, size, _ = load_update(store, report, base.spec)
         return report, weights, size
 
     accepted: list[str] = []
@@ -484,20 +534,25 @@ def _aggregate_and_publish(
         metrics["stop"] = 1.0
 
     key = keys.global_key(run_id, new_version)
-    data = encode(
-        result.weights,
-        {
-            "run_id": run_id,
-            "version": str(new_version),
-            "parent_version": str(base_version),
-            "round": str(round_number),
-            "aggregator": settings.aggregator,
-            "creator": "fedstream.aggregate",
-            "created_at": _now().isoformat(),
-            "clients": json.dumps(accepted),
-            "metrics": json.dumps(metrics),
-        },
-    )
+    metadata = {
+        "run_id": run_id,
+        "version": str(new_version),
+        "parent_version": str(base_version),
+        "round": str(round_number),
+        "aggregator": settings.aggregator,
+        "creator": "fedstream.aggregate",
+        "created_at": _now().isoformat(),
+        "clients": json.dumps(accepted),
+        "metrics": json.dumps(metrics),
+    }
+    try:
+        data = encode(result.weights, metadata)
+    except WireFormatError as exc:
+        # The inputs were finite (registration checked each one); a sum that overflowed, or a
+        # plugin that produced NaN, fails the round instead of publishing it.
+        raise AggregationError(
+            exc.reason, f"round {round_number}: the aggregated model is invalid: {exc}"
+        ) from None
     faults.point("aggregate.before_object_write")
     if not store.put_once(key, data):
         # A previous attempt wrote this version and died before the flip: its object stands.
@@ -531,7 +586,7 @@ def _aggregate_and_publish(
         current = store.run_state(run_id) or {}
         if current.get("version") != new_version or current.get("global_key") != key:
             raise
-    store.remember_global_model(run_id, new_version, key, data)  # the next round starts from it
+    store.remember_global_model(run_id, new_version, key, data, digest)  # the next round starts from it
     faults.point("aggregate.after_flip")
     opened = round_item.get("opened_at")
     duration = None
@@ -553,7 +608,7 @@ def _aggregate_and_publish(
         client_settings=next_settings,
         skipped=skipped,
     )
-    store.conditional_update(
+    item = store.conditional_update(
         _round_key(run_id, round_number),
         "SET #status = :closed, #result = :result, closed_at = :at",
         "#status = :agg",
@@ -565,7 +620,7 @@ def _aggregate_and_publish(
         },
         {"#status": "status", "#result": "result"},
     )
-    return closed
+    return closed, item
 
 
 @dataclass

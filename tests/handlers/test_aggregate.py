@@ -194,3 +194,34 @@ def test_two_concurrent_invocations_aggregate_a_complete_round_once(world: SyncW
         Bucket=world.resources.bucket, Prefix=f"runs/{world.run_id}/global/"
     )
     assert sorted(o["Key"] for o in listed["Contents"]) == [keys.global_key(world.run_id, v) for v in (0, 1)]
+
+
+def test_the_close_aggregates_the_object_version_registration_checked(world: SyncWorld) -> None:
+    # GIVEN three registered reports
+    items = good_items(world)
+    for item in items:
+        sync.register_report(world.store, world.settings, sync.parse_record(item))
+    # WHEN a client overwrites its update with NaNs after it was registered
+    world.put_object(items[1]["object_key"], _nan_bytes(world.base))
+    closed = sync.close_round(world.store, world.settings, default_registry(), world.run_id, 1, min_reports=3)
+
+    # THEN the close reads the version that was checked: all three count, and the mean is theirs
+    assert closed is not None and closed.clients == ["site-1", "site-2", "site-3"]
+    for name, array in expected_mean(world).items():
+        np.testing.assert_allclose(global_version(world, 1)[name], array, rtol=1e-6)
+
+
+def test_a_sum_that_overflows_fails_the_round_with_its_reason(world: SyncWorld) -> None:
+    # GIVEN finite updates whose example-weighted float32 sum overflows to Inf
+    huge = {name: np.full_like(array, 3e38) for name, array in world.base.items()}
+    for client in ("site-1", "site-2", "site-3"):
+        item = world.record(client, huge, num_examples=10)
+        sync.register_report(world.store, world.settings, sync.parse_record(item))
+
+    # WHEN the round closes  THEN it fails, naming the reason, and no version is published
+    with pytest.raises(sync.Rejected) as rejected:
+        sync.close_round(world.store, world.settings, default_registry(), world.run_id, 1, min_reports=3)
+    assert rejected.value.reason == "non_finite"
+    assert world.round_item()["status"] == "failed"
+    assert "aggregated model is invalid" in world.round_item()["failure"]
+    assert world.run_state()["version"] == 0
