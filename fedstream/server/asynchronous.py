@@ -179,6 +179,7 @@ def _apply(
         settings.aggregator, settings.aggregator_params, seed=settings.seed, mode="async"
     )
     retries = 0
+    weights = None
     while True:
         version = int(state["version"])
         staleness = version - record.base_version
@@ -188,7 +189,8 @@ def _apply(
             raise Rejected("stale", f"update is {staleness} versions stale (max {aggregator.max_staleness})")
         current = store.global_model(record.run_id, version, state["global_key"])
         base = _version_model(store, record.run_id, record.base_version)
-        weights, _, _ = load_update(store, record, current.spec)
+        if weights is None:  # every version has the same spec: a conflict retry reuses the update
+            weights, _, _ = load_update(store, record, current.spec)
         buffer = _load_buffer(store, state)
         update = ClientUpdate(
             record.client_id,
@@ -234,7 +236,10 @@ def _load_buffer(store: Store, state: Mapping[str, Any]) -> AsyncState | None:
     key = state.get("buffer_key")
     if not key or not int(state.get("buffered", 0)):
         return None
-    arrays, meta = decode(store.get_bytes(str(key)), max_bytes=store.settings.max_model_bytes)
+    data = store.cached_blob(str(key))
+    if data is None:
+        data = store.get_bytes(str(key))
+    arrays, meta = decode(data, max_bytes=store.settings.max_model_bytes)
     return AsyncState(arrays=arrays, values=json.loads(meta.get("values", "{}")))
 
 
@@ -259,7 +264,10 @@ def _commit(
     if result.weights is None:
         assert result.state is not None
         key = keys.state_key(run_id, f"buffer-{seq + 1:08d}-{nonce}")
-        store.put(key, encode(result.state.arrays, {"values": json.dumps(result.state.values)}))
+        blob = encode(result.state.arrays, {"values": json.dumps(result.state.values)})
+        store.put(key, blob)
+        # Buffer keys are never rewritten (each has a nonce): the next update here reads it from memory.
+        store.remember_blob(key, blob)
         buffered_ids = [*state.get("buffer_ids", []), ref]
         update = (
             "SET buffer_key = :key, buffer_seq = :next, buffer_ids = :ids, buffered = :n ADD received :one"

@@ -76,6 +76,7 @@ class Store:
         self.runs = self.dynamodb.Table(settings.run_table)
         self.updates = self.dynamodb.Table(settings.updates_table)
         self._models: OrderedDict[tuple[str, int], GlobalModel] = OrderedDict()
+        self._blobs: OrderedDict[str, bytes] = OrderedDict()
         self._lock = threading.Lock()
 
     # ---- S3 -------------------------------------------------------------------------------
@@ -117,6 +118,17 @@ class Store:
 
     def put(self, key: str, data: bytes) -> None:
         self.s3.put_object(Bucket=self.settings.bucket, Key=key, Body=data)
+
+    def remember_blob(self, key: str, data: bytes) -> None:
+        """Keep the bytes of a write-once object this process just wrote (the last two)."""
+        with self._lock:
+            self._blobs[key] = data
+            while len(self._blobs) > 2:
+                self._blobs.popitem(last=False)
+
+    def cached_blob(self, key: str) -> bytes | None:
+        with self._lock:
+            return self._blobs.get(key)
 
     def cached_global_model(self, run_id: str, version: int) -> GlobalModel | None:
         with self._lock:
