@@ -11,7 +11,7 @@ download it), with example counts from ``default_rng(seed)``. A third subprocess
 makes and drops the same bytes without aggregating; its peak (interpreter, imports, one update in
 flight) is the baseline subtracted from the other two to give what aggregation itself costs.
 
-* streaming: decode one update, add it into ``WeightedSum`` (float64 running sum), drop it.
+* streaming: decode one update, add it into ``WeightedSum`` (a float32 sum for float32 tensors), drop it.
 * naive: decode all updates, ``np.stack`` each tensor and ``np.average`` with the example weights.
 """
 

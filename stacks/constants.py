@@ -37,8 +37,9 @@ HANDLER_AGGREGATE = "handlers.aggregate.lambda_handler"
 HANDLER_FINALIZE = "handlers.finalize.lambda_handler"
 HANDLER_ASYNC_UPDATE = "handlers.async_update.lambda_handler"
 
-# Memory: the global model and its float64 running sum (~3x model), the result (1x) and one model
-# per download thread in flight, on top of the interpreter with numpy and Powertools loaded.
+# Memory: the global model (1x), the float32 running sum (1x), the mean (1x) and the encoded new
+# version (1x), plus one update per download thread in flight, on top of the interpreter with numpy
+# and Powertools loaded. (A float64 sum, which a plugin may ask for, takes 2x instead of 1x.)
 LAMBDA_BASE_MEMORY_MB = 512
 LAMBDA_MIN_MEMORY_MB = 1024
 LAMBDA_MAX_MEMORY_MB = 10240
