@@ -98,6 +98,7 @@ class Functions(Construct):
                 "sync: counts reports per round and aggregates complete rounds",
                 self._task_response(state_machine),
                 self._report_stream_failures(),
+                self._read_checked_update_versions(),
                 key_services=("s3", "dynamodb", "sqs"),
             )
             self._from_updates_stream(aggregate, constants.SYNC_STREAM_BATCH_SIZE)
@@ -107,6 +108,7 @@ class Functions(Construct):
                 Duration.minutes(constants.AGGREGATE_TIMEOUT_MINUTES),
                 "sync: closes a round at its deadline with the quorum it has, or fails it",
                 self._task_response(state_machine),
+                self._read_checked_update_versions(),
                 key_services=("s3", "dynamodb"),
             )
             # The event source grants receive/delete on the queue and kms:Decrypt for its messages.
@@ -162,6 +164,15 @@ class Functions(Construct):
                 resources=[self._updates_table.table_arn],
             ),
         ]
+
+    def _read_checked_update_versions(self) -> iam.PolicyStatement:
+        # A round close (either sync function) reads each update at the S3 version registration
+        # checked; a GetObject with a versionId needs GetObjectVersion. Updates only.
+        return iam.PolicyStatement(
+            sid="ReadCheckedUpdateVersions",
+            actions=["s3:GetObjectVersion"],
+            resources=[self._bucket.arn_for_objects("runs/*/updates/*")],
+        )
 
     def _report_stream_failures(self) -> iam.PolicyStatement:
         # Lambda sends to a stream event source's on-failure destination with the function's role.

@@ -320,6 +320,25 @@ def test_state_machine_role_does_only_what_the_definition_calls(sync_synth: Synt
     assert all(a.startswith(("logs:", "xray:")) for s in wildcard for a in s["Action"])
 
 
+def test_only_the_functions_that_close_rounds_read_pinned_update_versions(synth: Synth):
+    # A sync round close reads each update at the S3 version its registration checked.
+    readers = {}
+    for policy in synth.resources("AWS::IAM::Policy").values():
+        for statement in policy["Properties"]["PolicyDocument"]["Statement"]:
+            actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+            if "s3:GetObjectVersion" in actions:
+                (role,) = policy["Properties"]["Roles"]
+                readers[role["Ref"]] = render(statement["Resource"])
+    if synth.mode == "async":
+        assert readers == {}
+        return
+    closers = ("Aggregate", "Finalize")
+    expected = {logical_id(synth, "AWS::IAM::Role", f"Functions/{name}Role/") for name in closers}
+    assert set(readers) == expected
+    for resource in readers.values():
+        assert resource.endswith("/runs/*/updates/*")
+
+
 # -- observability -----------------------------------------------------------------------------
 
 
