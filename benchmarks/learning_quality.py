@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from fedstream.local.plot import pyplot
 from fedstream.local.run import LocalRunConfig, run_local
 
 DEFAULT_PLOT = Path(__file__).resolve().parent / "plots" / "learning_quality.png"
@@ -169,10 +170,7 @@ def table(results: list[Result], central: Result, fedavg_iid: Result, clip_norm:
 
 
 def plot(results: list[Result], args: argparse.Namespace, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for r in results:

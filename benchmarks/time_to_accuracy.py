@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedstream.local.plot import pyplot
 from fedstream.local.run import LocalRunConfig, RoundRow, RunSummary, run_local
 
 ALGORITHMS = ("fedavg", "fedprox", "fedasync", "fedbuff")
@@ -148,10 +149,7 @@ def table(results: list[Result], args: argparse.Namespace) -> str:
 
 
 def plot(results: list[Result], args: argparse.Namespace, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 4.8))
     for r in results:

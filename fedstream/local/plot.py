@@ -7,12 +7,18 @@ from pathlib import Path
 from typing import Any
 
 
-def plot_run(rows: Sequence[Any], path: Path, *, mode: str, title: str = "") -> None:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend, imported on first use (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_run(rows: Sequence[Any], path: Path, *, mode: str, title: str = "") -> None:
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
     if mode == "sync":
         rounds = [r.round for r in rows]
