@@ -61,6 +61,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--visibility-timeout", type=int, help="seconds a received message stays hidden while training"
     )
+    parser.add_argument(
+        "--ack-timeout",
+        dest="ack_timeout_seconds",
+        type=float,
+        help="async: seconds to wait for the server to consume an update before training again (300)",
+    )
     parser.add_argument("--max-idle", type=float, help="exit 3 after this many seconds without a message")
     parser.add_argument("--events", action="store_true", help="print one JSON line per step on stdout")
     parser.set_defaults(func=run_client)
@@ -76,6 +82,7 @@ def client_settings(args: argparse.Namespace) -> ClientSettings:
         "region",
         "endpoint_url",
         "visibility_timeout",
+        "ack_timeout_seconds",
     ):
         value = getattr(args, name)
         if value is not None:

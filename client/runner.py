@@ -5,6 +5,11 @@ upload the update under the client's own prefix, put the record with a condition
 double-counts), and only then delete the message. Visibility is extended while training. On
 "training complete" the loop exits 0. SIGTERM lets the current step finish (or abandons a training
 step before its upload, leaving the message to be redelivered) and exits.
+
+In async mode a client has one update in flight: after reporting it holds the newest "model
+ready" it hears of, without training, until a message names its update as consumed (applied,
+buffered or rejected). If that word never comes (a lost message), it trains again after
+``ack_timeout_seconds``.
 """
 
 from __future__ import annotations
@@ -47,6 +52,16 @@ class ClientStats:
     skipped: int = 0
     rejected_messages: int = 0
     last_version: int = -1
+    ack_timeouts: int = 0
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """The client's async update that the server has not named as consumed yet."""
+
+    run_id: str
+    ref: str  # "{client_id}#{base_version}", as the server names it
+    since: float  # time.monotonic() when it was reported
 
 
 class FederatedClient:
@@ -69,6 +84,10 @@ class FederatedClient:
         self.stats = ClientStats()
         self.on_event = on_event or (lambda event, fields: None)
         self._spec: ModelSpec | None = None
+        self.in_flight: InFlight | None = None
+        # The newest "model ready" heard while an update was in flight (not deleted: if this process
+        # dies, the queue delivers it again).
+        self._held: tuple[dict[str, Any], ModelReady] | None = None
 
     # ---- the loop ---------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -91,6 +110,11 @@ class FederatedClient:
                 # version on the queue rather than from the oldest ten (async mode publishes often).
                 while len(messages) < MAX_DRAINED and len(batch := self._receive(0)) > 0:
                     messages += batch
+            if not messages and self._held is not None and not self._waiting_for_release():
+                done = self._handle_batch([])  # the wait for a release timed out: train on the held version
+                if done is not None:
+                    return done
+                continue
             if not messages:
                 if max_idle_seconds is not None and time.monotonic() - idle_since > max_idle_seconds:
                     log.warning("no message for %.0f s; giving up", max_idle_seconds)
@@ -127,25 +151,54 @@ class FederatedClient:
             self.on_event("complete", {"reason": body.reason, "final_version": body.final_version})
             log.info("training complete (%s)", body.reason)
             return 0 if body.reason == "done" else 4
-        ready = sorted((p.version, i) for i, (_, p) in enumerate(parsed) if isinstance(p, ModelReady))
-        newest = ready[-1][1] if ready else None
-        for _, index in ready[:-1]:  # a newer version supersedes older ones in the same batch
-            self.stats.skipped += 1
-            done_with.append(parsed[index][0])
-        self._delete_all(done_with)
-        if newest is None:
+        ready = [(m, p) for m, p in parsed if isinstance(p, ModelReady)]
+        for _, body in ready:
+            self._note_consumed(body)
+        if self._held is not None:  # a copy received just now (same version) wins: its receipt is valid
+            ready.insert(0, self._held)
+            self._held = None
+        if not ready:
+            self._delete_all(done_with)
             return None
-        message, body = parsed[newest]
-        assert isinstance(body, ModelReady)
+        newest = max(range(len(ready)), key=lambda i: (ready[i][1].version, i))
+        keep = ready[newest][0]["MessageId"]
+        for index, (message, _) in enumerate(ready):
+            if index != newest and message["MessageId"] != keep:  # a newer version supersedes it
+                self.stats.skipped += 1
+                done_with.append(message)
+        self._delete_all(done_with)
+        message, body = ready[newest]
         if body.version <= self.stats.last_version:
             self.stats.skipped += 1
             self._delete(message)
+            return None
+        if self._waiting_for_release():
+            self._held = (message, body)
             return None
         try:
             self._train_and_report(message, body)
         except Stopped:
             return 0
         return None
+
+    def _note_consumed(self, body: ModelReady) -> None:
+        flight = self.in_flight
+        if flight is not None and body.run_id == flight.run_id and flight.ref in body.consumed:
+            self.in_flight = None
+            self.on_event("released", {"ref": flight.ref, "version": body.version})
+
+    def _waiting_for_release(self) -> bool:
+        flight = self.in_flight
+        if flight is None:
+            return False
+        waited = time.monotonic() - flight.since
+        if waited < self.settings.ack_timeout_seconds:
+            return True
+        log.warning("update %s not named as consumed after %.0f s; training again", flight.ref, waited)
+        self.stats.ack_timeouts += 1
+        self.in_flight = None
+        self.on_event("ack_timeout", {"ref": flight.ref})
+        return False
 
     # ---- one step ---------------------------------------------------------------------------
     def _train_and_report(self, message: dict[str, Any], body: ModelReady) -> None:
@@ -184,6 +237,9 @@ class FederatedClient:
         self._delete(message)
         self.stats.trained += 1
         self.stats.last_version = body.version
+        if body.round is None:  # async: wait until the server names this update as consumed
+            ref = f"{self.settings.client_id}#{body.version}"
+            self.in_flight = InFlight(body.run_id, ref, time.monotonic())
         self.on_event("reported", {"version": body.version, "round": body.round, **result.metrics})
 
     def _download_global(self, body: ModelReady) -> Weights | None:

@@ -23,6 +23,8 @@ POINTS = {
     "aggregate.after_object_write": "the new global object is written; the version pointer is not flipped",
     "aggregate.after_flip": "the version pointer is flipped; the round is not marked closed yet",
     "aggregate.before_callback": "the round is closed; SendTaskSuccess is not sent yet",
+    "async.before_commit": "an async batch is applied and its objects written; its transaction is not sent",
+    "async.before_notify": "an async batch is committed; the clients are not told yet",
 }
 
 

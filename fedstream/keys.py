@@ -1,6 +1,7 @@
 """The S3 key layout, in one place.
 
-runs/{run_id}/global/{version:06d}.safetensors            write-once global versions
+runs/{run_id}/global/{version:06d}.safetensors            write-once global versions (sync, async v0)
+runs/{run_id}/global/{version:06d}-{nonce}.safetensors    async versions, one key per commit attempt
 runs/{run_id}/updates/{client_id}/{version:06d}-{nonce}.safetensors
                                                        a client writes only its own prefix
 runs/{run_id}/state/{name}.safetensors                 aggregator state (FedBuff's buffer)
@@ -22,6 +23,11 @@ def run_prefix(run_id: str) -> str:
 
 def global_key(run_id: str, version: int) -> str:
     return f"runs/{run_id}/global/{version:06d}.safetensors"
+
+
+def global_attempt_key(run_id: str, version: int, nonce: str) -> str:
+    """A version written by an async batch: one key per attempt, so a retry never overwrites."""
+    return f"runs/{run_id}/global/{version:06d}-{nonce}.safetensors"
 
 
 def updates_prefix(run_id: str, client_id: str) -> str:

@@ -94,6 +94,9 @@ class ModelReady(_Strict):
     task_token: str | None = None
     client_settings: dict[str, float | int | str | bool] = Field(default_factory=dict)
     deadline_seconds: int | None = None
+    # async: the updates ("{client_id}#{base_version}") the server consumed (applied, buffered or
+    # rejected) in the batch that sent this message; a client named here may train again.
+    consumed: list[str] = Field(default_factory=list, max_length=1000)
 
 
 class TrainingComplete(_Strict):

@@ -89,3 +89,5 @@ class ClientSettings(BaseModel):
     max_model_bytes: int = DEFAULT_MAX_BYTES
     wait_seconds: int = Field(20, ge=0, le=20)
     visibility_timeout: int = Field(300, ge=5, le=43200)
+    # async: train again this long after reporting if no message named the update as consumed
+    ack_timeout_seconds: float = Field(300.0, gt=0)

@@ -99,6 +99,11 @@ def _check_arrays(weights: Mapping[str, np.ndarray], *, check_finite: bool = Tru
             raise WireFormatError("non_finite", f"tensor {name!r} contains NaN or Inf")
 
 
+def all_finite(weights: Mapping[str, np.ndarray]) -> bool:
+    """True when no tensor holds a NaN or an Inf."""
+    return all(_all_finite(array) for array in weights.values())
+
+
 def _all_finite(array: np.ndarray) -> bool:
     """True when no value is NaN or Inf, with no full-size temporary in the common case.
 

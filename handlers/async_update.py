@@ -1,10 +1,15 @@
-"""Async mode, DynamoDB stream on the updates table: every update moves the global model."""
+"""Async mode, DynamoDB stream on the updates table: each batch of updates moves the global model.
+
+The batch is judged, applied and committed as a whole (``fedstream.server.asynchronous``), so there
+is no per-record failure to report: a rejected update is a verdict (logged and counted), and an
+error fails the invocation, which the stream retries (nothing of it was committed, or all of it was
+and the retry finds every update already processed).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 from aws_lambda_powertools.utilities.data_classes.dynamo_db_stream_event import (
     DynamoDBRecord,
     DynamoDBRecordEventName,
@@ -13,48 +18,76 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from fedstream.registry import default_registry
 from fedstream.server import asynchronous
+from fedstream.server.asynchronous import Arrival, BatchCommit, Verdict
 from fedstream.server.store import store_for
-from fedstream.server.sync import Rejected
 from fedstream.settings import HandlerSettings
 from handlers.aggregate import correlation_keys
 from handlers.observability import MetricUnit, count_rejection, logger, metrics, tracer
 
-processor = BatchProcessor(event_type=EventType.DynamoDBStreams)
+
+def arrivals(event: dict[str, Any]) -> list[Arrival]:
+    """The INSERT records of a stream event, with the time the stream took each (epoch seconds)."""
+    out = []
+    for raw in event.get("Records", []):
+        record = DynamoDBRecord(raw)
+        if record.event_name != DynamoDBRecordEventName.INSERT or record.dynamodb is None:
+            continue
+        # Read raw: Powertools truncates it to whole seconds (AWS sends whole seconds anyway).
+        written = (raw.get("dynamodb") or {}).get("ApproximateCreationDateTime")
+        out.append(Arrival(record.dynamodb.new_image, None if written is None else float(written)))
+    return out
 
 
-@tracer.capture_method
-def record_handler(record: DynamoDBRecord) -> None:
-    if record.event_name != DynamoDBRecordEventName.INSERT or record.dynamodb is None:
+def log_verdict(verdict: Verdict) -> None:
+    keys = correlation_keys(dict(verdict.arrival.image))
+    if verdict.outcome == "rejected":
+        assert verdict.reason is not None
+        count_rejection(verdict.reason, detail=verdict.detail, **keys)
         return
-    image: dict[str, Any] = record.dynamodb.new_image
-    logger.append_keys(**correlation_keys(image))
-    settings = HandlerSettings.from_env()
-    try:
-        outcome = asynchronous.handle_async_record(store_for(settings), settings, default_registry(), image)
-    except Rejected as rejected:
-        count_rejection(rejected.reason, detail=str(rejected))
-        return
-    metrics.add_metric(name="Staleness", unit=MetricUnit.Count, value=outcome.staleness)
-    if outcome.conflict_retries:
-        metrics.add_metric(name="ConflictRetries", unit=MetricUnit.Count, value=outcome.conflict_retries)
-    if outcome.outcome == "applied":
-        metrics.add_metric(name="UpdateApplied", unit=MetricUnit.Count, value=1)
-        if outcome.lag_seconds is not None:
-            metrics.add_metric(name="VersionLagSeconds", unit=MetricUnit.Seconds, value=outcome.lag_seconds)
-    if "buffer_fill" in outcome.metrics:
-        metrics.add_metric(name="BufferFill", unit=MetricUnit.Count, value=outcome.metrics["buffer_fill"])
+    metrics.add_metric(name="Staleness", unit=MetricUnit.Count, value=verdict.staleness or 0)
+    if verdict.stream_wait is not None:
+        metrics.add_metric(name="StreamWaitSeconds", unit=MetricUnit.Seconds, value=verdict.stream_wait)
     logger.info(
-        f"update {outcome.outcome}",
+        f"update {verdict.outcome}",
         extra={
-            "new_version": outcome.version,
-            "staleness": outcome.staleness,
-            "conflict_retries": outcome.conflict_retries,
-            "metrics": outcome.metrics,
+            **keys,
+            "at_version": verdict.version,
+            "staleness": verdict.staleness,
+            "stream_wait_seconds": verdict.stream_wait,
+            "metrics": verdict.metrics,
         },
     )
-    if outcome.finished:
+
+
+def log_commit(commit: BatchCommit) -> None:
+    applied = sum(v.outcome == "applied" for v in commit.verdicts)
+    metrics.add_metric(name="BatchSize", unit=MetricUnit.Count, value=len(commit.verdicts))
+    metrics.add_metric(name="BufferFill", unit=MetricUnit.Count, value=commit.buffered)
+    if applied:
+        metrics.add_metric(name="UpdateApplied", unit=MetricUnit.Count, value=applied)
+    if commit.conflict_retries:
+        metrics.add_metric(name="ConflictRetries", unit=MetricUnit.Count, value=commit.conflict_retries)
+    logger.info(
+        "batch committed",
+        extra={
+            "run_id": commit.run_id,
+            "version": commit.version,
+            "published": commit.published,
+            "steps": commit.steps,
+            "records": len(commit.verdicts),
+            "buffered": commit.buffered,
+            "conflict_retries": commit.conflict_retries,
+            "metrics": commit.metrics,
+        },
+    )
+    if commit.finished:
         logger.info(
-            "run finished", extra={"finish_reason": outcome.finished, "final_version": outcome.version}
+            "run finished",
+            extra={
+                "run_id": commit.run_id,
+                "finish_reason": commit.finished,
+                "final_version": commit.version,
+            },
         )
 
 
@@ -62,6 +95,12 @@ def record_handler(record: DynamoDBRecord) -> None:
 @tracer.capture_lambda_handler
 @metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    return process_partial_response(
-        event=event, record_handler=record_handler, processor=processor, context=context
+    settings = HandlerSettings.from_env()
+    result = asynchronous.handle_async_batch(
+        store_for(settings), settings, default_registry(), arrivals(event)
     )
+    for verdict in result.verdicts:
+        log_verdict(verdict)
+    for commit in result.commits:
+        log_commit(commit)
+    return {"batchItemFailures": []}

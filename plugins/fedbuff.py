@@ -39,6 +39,7 @@ class FedBuff(Aggregator):
     def __init__(self, params: FedBuffParams) -> None:
         self.params = params
         self.max_staleness = params.max_staleness
+        self.min_clients = params.buffer_size
 
     def apply_async(
         self,

@@ -207,6 +207,12 @@ class DeploymentConfig(pydantic.BaseModel):
                 f"{self.mode} aggregators: {', '.join(fitting)}"
             )
         registry.validate_params(self.aggregator, self.aggregator_params)
+        needed = registry.create(self.aggregator, self.aggregator_params, mode=self.mode).min_clients
+        if needed > len(self.clients):
+            raise PluginError(
+                f"aggregator {self.aggregator!r} needs at least {needed} clients to make progress (each "
+                f"client has one update in flight), and {len(self.clients)} are deployed"
+            )
 
     @classmethod
     def from_context(

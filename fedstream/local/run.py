@@ -78,7 +78,15 @@ class RoundRow:
     test_loss: float | None
     test_accuracy: float | None
     epsilon: float | None
-    elapsed_seconds: float
+    elapsed_seconds: float  # run start -> the server committed this version (both modes alike)
+    committed_at: float | None = None  # epoch seconds, the server's clock
+    # async: the updates consumed since the previous row (fedstream.local.async_stats)
+    staleness_p50: float | None = None
+    staleness_p95: float | None = None
+    staleness_max: float | None = None
+    stream_wait_p50: float | None = None
+    stream_wait_max: float | None = None
+    in_flight_max: int | None = None
 
 
 @dataclass
@@ -98,6 +106,8 @@ class RunSummary:
     handlers: dict[str, dict[str, int]] = field(default_factory=dict)
     # what the fault plan injected: fault point or service fault -> times; client faults -> 1
     faults_injected: dict[str, int] = field(default_factory=dict)
+    # async: staleness, stream wait and updates in flight over the whole run (async_stats.run_summary)
+    async_stats: dict[str, Any] = field(default_factory=dict)
 
     @property
     def accuracies(self) -> list[float]:
@@ -147,7 +157,13 @@ def run_local(config: LocalRunConfig) -> RunSummary:
     from fedstream.local.progress import Progress
 
     registry = default_registry()
-    registry.create(config.aggregator, config.params, seed=config.seed, mode=config.mode)  # fail fast
+    # Fail fast, before anything starts.
+    chosen = registry.create(config.aggregator, config.params, seed=config.seed, mode=config.mode)
+    if chosen.min_clients > config.clients:
+        raise CliError(
+            f"{config.aggregator} needs at least {chosen.min_clients} clients to make progress "
+            f"(each client has one update in flight), got {config.clients}"
+        )
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "clients").mkdir(exist_ok=True)
@@ -200,16 +216,25 @@ def run_local(config: LocalRunConfig) -> RunSummary:
         plan.arm_handler_points()
         aggregator = registry.create(config.aggregator, config.params, seed=config.seed)
         progress = Progress(console_stream, config, client_ids, enabled=config.progress)
-        started = time.monotonic()
+        started, started_at = time.monotonic(), time.time()
         status, counts = "FAILED", {}
         try:
             if config.mode == "async":
                 status, error, rows, final_key, counts = _run_async(
-                    aws, settings, run_id, data, config, aggregator, evaluator, progress, started
+                    aws, settings, run_id, data, config, aggregator, evaluator, progress, started_at
                 )
             else:
                 status, error, rows, final_key = _run_sync(
-                    aws, resources, settings, run_id, data, config, aggregator, evaluator, progress, started
+                    aws,
+                    resources,
+                    settings,
+                    run_id,
+                    data,
+                    config,
+                    aggregator,
+                    evaluator,
+                    progress,
+                    started_at,
                 )
         finally:
             client_faults.stop()
@@ -221,9 +246,12 @@ def run_local(config: LocalRunConfig) -> RunSummary:
             injected = {**faults.fired(), **service_faults.injected, **dict.fromkeys(client_faults.done, 1)}
             faults.disarm()
             progress.close()
+        async_summary: dict[str, Any] = {}
         if config.mode == "async":  # records that arrived after the end are counted now
-            state = Store(settings, aws.session()).run_state(run_id) or {}
+            store = Store(settings, aws.session())
+            state = store.run_state(run_id) or {}
             counts = {name: int(state.get(name, 0)) for name in counts}
+            async_summary = _async_figures(store, run_id, rows)
         wall = time.monotonic() - started
         final_version = rows[-1].version if rows else 0
         final = aws.client("s3").get_object(Bucket=resources.bucket, Key=final_key)
@@ -242,6 +270,7 @@ def run_local(config: LocalRunConfig) -> RunSummary:
         counts=counts,
         handlers={p.function_name: p.stats() for p in pollers},
         faults_injected=injected,
+        async_stats=async_summary,
     )
     _write_outputs(summary, config)
     progress.summary(summary)
@@ -258,7 +287,7 @@ def _run_sync(
     aggregator: Any,
     evaluator: _Evaluator,
     progress: Any,
-    started: float,
+    started_at: float,
 ) -> tuple[str, str | None, list[RoundRow], str]:
     min_clients = config.min_clients or config.clients
     key0 = keys.global_key(run_id, 0)
@@ -279,7 +308,7 @@ def _run_sync(
             }
         ),
     )["executionArn"]
-    status, error, rows = _watch(aws, settings, execution, run_id, evaluator, progress, started)
+    status, error, rows = _watch(aws, settings, execution, run_id, evaluator, progress, started_at)
     return status, error, rows, keys.global_key(run_id, rows[-1].version if rows else 0)
 
 
@@ -292,7 +321,7 @@ def _run_async(
     aggregator: Any,
     evaluator: _Evaluator,
     progress: Any,
-    started: float,
+    started_at: float,
 ) -> tuple[str, str | None, list[RoundRow], str, dict[str, int]]:
     from fedstream.server import asynchronous
 
@@ -315,6 +344,7 @@ def _run_async(
         # Central evaluation costs CPU the clients need: at most twice a second, and the last one.
         if version != seen and (finished or time.monotonic() - last_eval >= 0.5):
             seen, last_eval = version, time.monotonic()
+            committed_at = float(state.get("version_at") or time.time())
             weights, _ = decode(store.get_bytes(str(state["global_key"])))
             test = evaluator.evaluate(weights)
             reported = json.loads(state.get("last_metrics") or "{}")
@@ -330,7 +360,8 @@ def _run_async(
                     test_loss=test.get("eval_loss"),
                     test_accuracy=test.get("eval_accuracy"),
                     epsilon=reported.get("epsilon"),
-                    elapsed_seconds=time.monotonic() - started,
+                    elapsed_seconds=committed_at - started_at,
+                    committed_at=committed_at,
                 )
             )
             progress.round_closed(rows[-1])
@@ -338,7 +369,7 @@ def _run_async(
         progress.update(None, str(state.get("status")))
         if state.get("status") != "RUNNING":
             break
-        if config.max_seconds and time.monotonic() - started > config.max_seconds:
+        if config.max_seconds and time.time() - started_at > config.max_seconds:
             asynchronous.end_run(store, run_id, "wall_clock", seen)
         time.sleep(0.3)
     counts = {name: int(state.get(name, 0)) for name in ("received", "applied", "rejected", "buffered")}
@@ -477,7 +508,7 @@ def _watch(
     run_id: str,
     evaluator: _Evaluator,
     progress: Any,
-    started: float,
+    started_at: float,
 ) -> tuple[str, str | None, list[RoundRow]]:
 
     sfn = aws.client("stepfunctions")
@@ -490,7 +521,7 @@ def _watch(
         round_number = len(rows) + 1
         item = store.round_item(run_id, round_number)
         if item and item.get("status") == "closed":
-            rows.append(_round_row(store, run_id, item, evaluator, time.monotonic() - started))
+            rows.append(_round_row(store, run_id, item, evaluator, started_at))
             progress.round_closed(rows[-1])
             continue
         progress.update(item, status)
@@ -505,16 +536,18 @@ def _watch(
 
 
 def _round_row(
-    store: Any, run_id: str, item: dict[str, Any], evaluator: _Evaluator, elapsed: float
+    store: Any, run_id: str, item: dict[str, Any], evaluator: _Evaluator, started_at: float
 ) -> RoundRow:
+    from datetime import datetime
+
     result = json.loads(item["result"])
+    closed = item.get("closed_at")
+    committed_at = datetime.fromisoformat(closed).timestamp() if closed else time.time()
     weights, _ = decode(store.get_bytes(result["object_key"]))
     test = evaluator.evaluate(weights)
     metrics = result["metrics"]
     duration = None
     if item.get("opened_at") and item.get("closed_at"):
-        from datetime import datetime
-
         duration = (
             datetime.fromisoformat(item["closed_at"]) - datetime.fromisoformat(item["opened_at"])
         ).total_seconds()
@@ -529,8 +562,23 @@ def _round_row(
         test_loss=test.get("eval_loss"),
         test_accuracy=test.get("eval_accuracy"),
         epsilon=metrics.get("epsilon"),
-        elapsed_seconds=elapsed,
+        elapsed_seconds=committed_at - started_at,
+        committed_at=committed_at,
     )
+
+
+def _async_figures(store: Store, run_id: str, rows: list[RoundRow]) -> dict[str, Any]:
+    """Staleness, stream wait and updates in flight, per row and for the run, from the markers."""
+    from fedstream.local import async_stats
+
+    updates = async_stats.from_markers(store.run_items_with_prefix(run_id, "update#"))
+    previous = float("-inf")
+    for row in rows:
+        end = row.committed_at if row.committed_at is not None else float("inf")
+        for name, value in async_stats.row_stats(updates, previous, end).items():
+            setattr(row, name, value)
+        previous = end
+    return async_stats.run_summary(updates)
 
 
 def _rejections(log_path: Path) -> dict[str, int]:
@@ -557,6 +605,7 @@ def _write_outputs(summary: RunSummary, config: LocalRunConfig) -> None:
                 "counts": summary.counts,
                 "handlers": summary.handlers,
                 "faults_injected": summary.faults_injected,
+                "async": summary.async_stats,
                 "client_exit_codes": summary.client_exit_codes,
                 "config": config_json,
                 "rounds": rows,

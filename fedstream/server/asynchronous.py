@@ -1,16 +1,31 @@
-"""Async mode: every update record moves the global model (or fills FedBuff's buffer) at once.
+"""Async mode: each stream batch moves the global model in memory and is committed once.
 
-The run-state item (``sk='state'``) is the single source of truth: the current version and its
-key, the buffer (key, sequence, ids of the updates in it) and the counters. Every change to it is
-one DynamoDB transaction that also writes a per-update marker (``sk='update#{client}#{base}'``):
+One run, one batch of update records (a Lambda invocation of the stream function):
 
-- the state update is conditioned on ``version`` and ``buffer_seq`` being what this invocation
-  read, so a concurrent invocation that moved first makes this one recompute on the fresh version
-  (bounded retries with jitter) — nothing is overwritten and no update is lost;
-- the marker is conditioned on not existing, so a redelivered record is applied at most once.
+1. Read the run state (``sk='state'``: version, global key, FedBuff's buffer, the version that
+   released each client, counters) and the batch's markers (``sk='update#{client}#{base}'``) once.
+2. Judge each record in stream order, cheap checks before any download: duplicate (a marker
+   exists, or the same update came earlier in this batch), run finished, future base version,
+   ``in_flight`` (the client already has an update in this batch, or trained on a version older
+   than the one that released its previous update), stale, unknown base version; then download,
+   verify and decode it and hand it to the aggregator with the weights it was trained from.
+   FedAsync mixes it in (one server step); FedBuff adds it to the buffer and steps every K.
+   Staleness counts these in-memory steps: the version number is the number of server steps.
+3. Write the batch's last version (when it took a step) under a fresh key and the buffer (when it
+   changed), then commit in one DynamoDB transaction: the state, conditioned on the version, the
+   buffer sequence and the status this invocation read; a marker per record, conditioned on not
+   existing; and the version item with its lineage (every update applied since its parent).
+   Intermediate versions are not published: nobody could train on one before the next superseded
+   it, and each would cost an S3 write and a notification to every client.
+4. Publish one "model ready" that names every update the batch consumed (applied, buffered,
+   rejected, or a duplicate of one consumed before). A client trains again only once its update
+   is named, so it has one update in flight at a time and staleness stays bounded. A crash after
+   the commit loses only that message: the redelivered batch finds every marker, changes nothing,
+   and publishes it again.
 
-Each published version also gets a version item (``sk='version#{v}'``) naming its parent and the
-updates it applied: the lineage. Global objects are write-once under a per-attempt key.
+A commit that loses a race (another invocation moved the run first) recomputes the batch from the
+fresh state, reusing the updates it already downloaded and checked. A transaction holds the state,
+one marker per record and one version item: at most ``MAX_RECORDS_PER_COMMIT`` records each.
 """
 
 from __future__ import annotations
@@ -19,21 +34,23 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from fedstream import keys
-from fedstream.aggregation import AggregationError, AsyncState, ClientUpdate
+from fedstream import faults, keys
+from fedstream.aggregation import AggregationError, Aggregator, AsyncState, ClientUpdate
 from fedstream.registry import AggregatorRegistry
 from fedstream.schemas import ModelReady, TrainingComplete, UpdateRecord
-from fedstream.server.store import ConditionFailed, Store, is_code, to_dynamo
+from fedstream.server.store import ConditionFailed, GlobalModel, MissingObject, Store
 from fedstream.server.sync import Rejected, check_identity, load_update, parse_record
 from fedstream.settings import HandlerSettings
-from fedstream.weights import decode, encode, sha256_hex
+from fedstream.weights import Weights, all_finite, decode, encode, sha256_hex
 
 MAX_CONFLICT_RETRIES = 8
+# DynamoDB takes at most 100 items a transaction: the state, the version item and the markers.
+MAX_RECORDS_PER_COMMIT = 98
 STATE_KEY = "state"
 
 
@@ -45,22 +62,61 @@ def update_ref(record: UpdateRecord) -> str:
     return f"{record.client_id}#{record.base_version}"
 
 
-def marker_key(run_id: str, record: UpdateRecord) -> dict[str, str]:
-    return {"run_id": run_id, "sk": f"update#{update_ref(record)}"}
+def marker_sk(ref: str) -> str:
+    return f"update#{ref}"
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One stream record: its new image and when the stream took it (server clock, epoch s)."""
+
+    image: Mapping[str, Any]
+    written_at: float | None = None
 
 
 @dataclass
-class AsyncOutcome:
-    """What one record did: ``applied`` (a new version), ``buffered``, or a rejection reason."""
+class Verdict:
+    """What one record did: ``applied`` (in a server step), ``buffered``, or ``rejected`` (``reason``)."""
 
+    arrival: Arrival
+    record: UpdateRecord | None
     outcome: str
-    record: UpdateRecord
-    staleness: int = 0
-    version: int = 0
+    reason: str | None = None
+    detail: str = ""
+    staleness: int | None = None
+    version: int | None = None  # the in-memory version it was judged at
+    stream_wait: float | None = None  # written to the stream -> committed, seconds
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ref(self) -> str | None:
+        return update_ref(self.record) if self.record is not None else None
+
+    @property
+    def counted(self) -> bool:
+        """A marker is written for it and the run's counters include it (not for duplicates)."""
+        return self.record is not None and self.reason != "duplicate"
+
+
+@dataclass
+class BatchCommit:
+    """One run's part of a batch, as committed."""
+
+    run_id: str
+    verdicts: list[Verdict]
+    version: int  # the run's version after the commit
+    published: bool  # a new version was published
+    steps: int
+    buffered: int
+    finished: str | None = None
     conflict_retries: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
-    finished: str | None = None
-    lag_seconds: float | None = None
+
+
+@dataclass
+class BatchResult:
+    verdicts: list[Verdict]  # one per record, in stream order
+    commits: list[BatchCommit]
 
 
 def start_run(
@@ -89,6 +145,7 @@ def start_run(
             "global_sha256": digest,
             "buffer_seq": 0,
             "buffer_ids": [],
+            "released": {},
             "received": 0,
             "applied": 0,
             "rejected": 0,
@@ -103,7 +160,7 @@ def start_run(
         ConditionExpression="attribute_not_exists(run_id)",
     )
     store.runs.put_item(
-        Item={"run_id": run_id, "sk": "version#0", "key": key, "sha256": digest, "parent": -1}
+        Item={"run_id": run_id, "sk": "version#0", "key": key, "sha256": digest, "parent": -1, "applied": []}
     )
     message = ModelReady(
         run_id=run_id, version=0, object_key=key, sha256=digest, client_settings=dict(client_settings or {})
@@ -113,85 +170,154 @@ def start_run(
     return message
 
 
-def handle_async_record(
-    store: Store, settings: HandlerSettings, registry: AggregatorRegistry, image: Mapping[str, Any]
-) -> AsyncOutcome:
-    """Validate one update record and apply it; raises Rejected (recorded once) for a bad one."""
-    record = parse_record(image)
-    # Rejected before any run counter moves: the record names no run or no caller we know.
-    check_identity(record, settings)
-    state = store.run_state(record.run_id)
-    if state is None or state.get("mode") != "async":
-        raise Rejected("unknown_run", f"run {record.run_id!r} is not an async run of this deployment")
-    if _marker_exists(store, record):
-        raise Rejected("duplicate", f"update {update_ref(record)} was already processed")
-    try:
-        return _apply(store, settings, registry, record, state)
-    except Rejected as rejected:
-        _record_rejection(store, record, rejected.reason)
-        raise
+def handle_async_batch(
+    store: Store, settings: HandlerSettings, registry: AggregatorRegistry, arrivals: Sequence[Arrival]
+) -> BatchResult:
+    """Judge, apply and commit a batch of update records; one verdict per record, in order.
+
+    Rejections are verdicts, never exceptions; an exception means the batch must be retried
+    (nothing of it was committed, or all of it was and the retry finds the markers).
+    """
+    verdicts: list[Verdict | None] = [None] * len(arrivals)
+    by_run: dict[str, list[tuple[int, UpdateRecord]]] = {}
+    for index, arrival in enumerate(arrivals):
+        try:
+            record = parse_record(arrival.image)
+            # Refused before any run is read or counted: it names no caller or object we know.
+            check_identity(record, settings)
+        except Rejected as rejected:
+            verdicts[index] = Verdict(arrival, None, "rejected", rejected.reason, str(rejected))
+            continue
+        by_run.setdefault(record.run_id, []).append((index, record))
+    commits = []
+    for run_id, items in by_run.items():
+        for start in range(0, len(items), MAX_RECORDS_PER_COMMIT):
+            chunk = items[start : start + MAX_RECORDS_PER_COMMIT]
+            commit = _RunBatch(store, settings, registry, run_id).process(
+                [(arrivals[index], record) for index, record in chunk]
+            )
+            for (index, _), verdict in zip(chunk, commit.verdicts, strict=True):
+                verdicts[index] = verdict
+            commits.append(commit)
+    return BatchResult([v for v in verdicts if v is not None], commits)
 
 
-def _marker_exists(store: Store, record: UpdateRecord) -> bool:
-    item = store.runs.get_item(Key=marker_key(record.run_id, record), ConsistentRead=True).get("Item")
-    return item is not None
+@dataclass
+class _Plan:
+    """A run as a batch leaves it in memory, before the commit."""
+
+    state: dict[str, Any]
+    model: GlobalModel
+    version: int
+    weights: Weights
+    buffer: AsyncState | None
+    buffer_ids: list[str]
+    verdicts: list[Verdict] = field(default_factory=list)
+    lineage: list[str] = field(default_factory=list)  # updates applied since the published version
+    steps: int = 0
+    applied: int = 0
+    buffer_changed: bool = False
+    finished: str | None = None
+    step_metrics: dict[str, float] = field(default_factory=dict)
+    reported: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def running(self) -> bool:
+        return self.state.get("status") == "RUNNING" and self.finished is None
 
 
-def _record_rejection(store: Store, record: UpdateRecord, reason: str) -> None:
-    """Count a rejection once: marker and counter in one transaction."""
-    try:
-        store.dynamodb.meta.client.transact_write_items(
-            TransactItems=[
-                {
-                    "Put": {
-                        "TableName": store.settings.run_table,
-                        "Item": to_dynamo(
-                            {**marker_key(record.run_id, record), "outcome": f"rejected:{reason}"}
-                        ),
-                        "ConditionExpression": "attribute_not_exists(run_id)",
-                    }
-                },
-                {
-                    "Update": {
-                        "TableName": store.settings.run_table,
-                        "Key": to_dynamo({"run_id": record.run_id, "sk": STATE_KEY}),
-                        "UpdateExpression": "ADD received :one, rejected :one",
-                        "ExpressionAttributeValues": {":one": 1},
-                    }
-                },
-            ]
+class _RunBatch:
+    def __init__(
+        self, store: Store, settings: HandlerSettings, registry: AggregatorRegistry, run_id: str
+    ) -> None:
+        self.store, self.settings, self.run_id = store, settings, run_id
+        self.registry = registry
+        self._updates: dict[str, Weights] = {}  # object key -> checked weights, kept across retries
+
+    def process(self, items: list[tuple[Arrival, UpdateRecord]]) -> BatchCommit:
+        retries = 0
+        while True:
+            state = self.store.run_state(self.run_id)
+            if state is None or state.get("mode") != "async":
+                detail = f"run {self.run_id!r} is not an async run of this deployment"
+                verdicts = [Verdict(a, r, "rejected", "unknown_run", detail) for a, r in items]
+                return BatchCommit(self.run_id, verdicts, 0, False, 0, 0)
+            plan = self._plan(state, items)
+            try:
+                commit = self._commit(plan)
+            except ConditionFailed:
+                retries += 1
+                if retries > MAX_CONFLICT_RETRIES:
+                    raise
+                time.sleep(random.uniform(0, 0.05 * 2 ** min(retries, 5)))
+                continue
+            commit.conflict_retries = retries
+            self._notify(plan, commit)
+            return commit
+
+    # ---- judging, in memory -------------------------------------------------------------------
+    def _plan(self, state: dict[str, Any], items: list[tuple[Arrival, UpdateRecord]]) -> _Plan:
+        aggregator = self.registry.create(
+            self.settings.aggregator, self.settings.aggregator_params, seed=self.settings.seed, mode="async"
         )
-    except Exception as exc:
-        if not is_code(exc, "TransactionCanceledException"):
-            raise
-
-
-def _apply(
-    store: Store,
-    settings: HandlerSettings,
-    registry: AggregatorRegistry,
-    record: UpdateRecord,
-    state: dict[str, Any],
-) -> AsyncOutcome:
-    if state.get("status") != "RUNNING":
-        raise Rejected("run_finished", f"run {record.run_id!r} is {state.get('status')}")
-    aggregator = registry.create(
-        settings.aggregator, settings.aggregator_params, seed=settings.seed, mode="async"
-    )
-    retries = 0
-    weights = None
-    while True:
         version = int(state["version"])
-        staleness = version - record.base_version
+        model = self.store.global_model(self.run_id, version, str(state["global_key"]))
+        plan = _Plan(
+            state=state,
+            model=model,
+            version=version,
+            weights=model.weights,
+            buffer=self._load_buffer(state),
+            buffer_ids=list(state.get("buffer_ids", [])),
+        )
+        markers = self.store.run_items(self.run_id, [marker_sk(update_ref(r)) for _, r in items])
+        seen_refs: set[str] = set()
+        seen_clients: set[str] = set()
+        for arrival, record in items:
+            ref = update_ref(record)
+            verdict = Verdict(arrival, record, "rejected", version=plan.version)
+            try:
+                if marker_sk(ref) in markers or ref in seen_refs:
+                    raise Rejected("duplicate", f"update {ref} was already processed")
+                seen_refs.add(ref)
+                self._judge(plan, aggregator, record, verdict, seen_clients)
+            except Rejected as rejected:
+                verdict.outcome, verdict.reason, verdict.detail = "rejected", rejected.reason, str(rejected)
+            seen_clients.add(record.client_id)
+            plan.verdicts.append(verdict)
+        return plan
+
+    def _judge(
+        self,
+        plan: _Plan,
+        aggregator: Aggregator,
+        record: UpdateRecord,
+        verdict: Verdict,
+        seen_clients: set[str],
+    ) -> None:
+        if not plan.running:
+            status = "finished" if plan.finished else plan.state.get("status")
+            raise Rejected("run_finished", f"run {self.run_id!r} is {status}")
+        staleness = plan.version - record.base_version
         if staleness < 0:
-            raise Rejected("future_base_version", f"base version {record.base_version} > current {version}")
+            raise Rejected(
+                "future_base_version", f"base version {record.base_version} > current {plan.version}"
+            )
+        released = int(plan.state.get("released", {}).get(record.client_id, 0))
+        if record.client_id in seen_clients or record.base_version < released:
+            raise Rejected(
+                "in_flight",
+                f"client {record.client_id!r} trained on version {record.base_version} before its previous "
+                f"update was consumed (released at version {released})",
+            )
         if aggregator.max_staleness is not None and staleness > aggregator.max_staleness:
             raise Rejected("stale", f"update is {staleness} versions stale (max {aggregator.max_staleness})")
-        current = store.global_model(record.run_id, version, state["global_key"])
-        base = _version_model(store, record.run_id, record.base_version)
+        verdict.staleness = staleness
+        base = self._version_model(record.base_version)
+        weights = self._updates.get(record.object_key)
         if weights is None:  # every version has the same spec: a conflict retry reuses the update
-            weights, _, _ = load_update(store, record, current.spec)
-        buffer = _load_buffer(store, state)
+            weights, _, _ = load_update(self.store, record, plan.model.spec)
+            self._updates[record.object_key] = weights
         update = ClientUpdate(
             record.client_id,
             weights,
@@ -201,211 +327,240 @@ def _apply(
             base.weights,
         )
         try:
-            result = aggregator.apply_async(current.weights, update, staleness=staleness, state=buffer)
+            result = aggregator.apply_async(plan.weights, update, staleness=staleness, state=plan.buffer)
         except AggregationError as exc:
             raise Rejected(exc.reason, str(exc)) from None
-        try:
-            outcome = _commit(store, settings, record, state, result, staleness)
-        except ConditionFailed:
-            if _marker_exists(store, record):
-                raise Rejected("duplicate", f"update {update_ref(record)} was applied concurrently") from None
-            retries += 1
-            if retries > MAX_CONFLICT_RETRIES:
-                raise
-            time.sleep(random.uniform(0, 0.05 * 2 ** min(retries, 5)))
-            state = store.run_state(record.run_id) or state
-            if state.get("status") != "RUNNING":
-                raise Rejected("run_finished", f"run {record.run_id!r} finished meanwhile") from None
-            continue
-        outcome.conflict_retries = retries
-        return outcome
+        if result.weights is not None and not all_finite(result.weights):
+            raise Rejected("non_finite", f"applying {update_ref(record)} would make the model non-finite")
+        verdict.metrics = {k: float(v) for k, v in result.metrics.items()}
+        plan.buffer_ids.append(update_ref(record))
+        if result.weights is None:
+            verdict.outcome = "buffered"
+            plan.buffer, plan.buffer_changed = result.state, True
+            return
+        verdict.outcome = "applied"
+        plan.weights, plan.version, plan.steps = result.weights, plan.version + 1, plan.steps + 1
+        plan.lineage += plan.buffer_ids
+        plan.applied += len(plan.buffer_ids)
+        plan.buffer, plan.buffer_ids, plan.buffer_changed = result.state, [], True
+        plan.step_metrics = verdict.metrics
+        plan.reported = record.metrics.as_dict()
+        plan.finished = self._stop_reason(plan, record, stop=result.stop)
 
-
-def _version_model(store: Store, run_id: str, version: int) -> Any:
-    if (cached := store.cached_global_model(run_id, version)) is not None:
-        return cached  # versions are write-once: a cached one is still the one
-    item = store.runs.get_item(Key={"run_id": run_id, "sk": f"version#{version}"}, ConsistentRead=True).get(
-        "Item"
-    )
-    if item is None:
-        raise Rejected("unknown_base_version", f"version {version} of run {run_id} was never published")
-    return store.global_model(run_id, version, str(item["key"]))
-
-
-def _load_buffer(store: Store, state: Mapping[str, Any]) -> AsyncState | None:
-    key = state.get("buffer_key")
-    if not key or not int(state.get("buffered", 0)):
+    def _stop_reason(self, plan: _Plan, record: UpdateRecord, *, stop: bool) -> str | None:
+        state = plan.state
+        max_updates = int(state.get("max_updates") or 0)
+        target = state.get("target_accuracy") or ""
+        max_seconds = float(state.get("max_seconds") or 0)
+        accuracy = record.metrics.eval_accuracy
+        if stop:
+            return "privacy_budget"
+        if max_updates and int(state.get("applied", 0)) + plan.applied >= max_updates:
+            return "max_updates"
+        if target and accuracy is not None and accuracy >= float(target):
+            return "target_accuracy"
+        if max_seconds and state.get("started_at"):
+            elapsed = (datetime.now(UTC) - datetime.fromisoformat(str(state["started_at"]))).total_seconds()
+            return "wall_clock" if elapsed >= max_seconds else None
         return None
-    data = store.cached_blob(str(key))
-    if data is None:
-        data = store.get_bytes(str(key))
-    arrays, meta = decode(data, max_bytes=store.settings.max_model_bytes)
-    return AsyncState(arrays=arrays, values=json.loads(meta.get("values", "{}")))
 
+    def _version_model(self, version: int) -> GlobalModel:
+        if (cached := self.store.cached_global_model(self.run_id, version)) is not None:
+            return cached  # versions are write-once: a cached one is still the one
+        item = self.store.run_items(self.run_id, [f"version#{version}"]).get(f"version#{version}")
+        if item is None:
+            raise Rejected(
+                "unknown_base_version", f"version {version} of run {self.run_id} was never published"
+            )
+        try:
+            return self.store.global_model(self.run_id, version, str(item["key"]))
+        except MissingObject:
+            raise Rejected("unknown_base_version", f"version {version} has no model object") from None
 
-def _commit(
-    store: Store,
-    settings: HandlerSettings,
-    record: UpdateRecord,
-    state: Mapping[str, Any],
-    result: Any,
-    staleness: int,
-) -> AsyncOutcome:
-    run_id = record.run_id
-    version = int(state["version"])
-    seq = int(state.get("buffer_seq", 0))
-    ref = update_ref(record)
-    nonce = uuid.uuid4().hex[:10]
-    metrics = {k: float(v) for k, v in result.metrics.items()}
-    marker = {**marker_key(run_id, record), "at_version": version}
-    condition = "version = :v AND buffer_seq = :seq"
-    values: dict[str, Any] = {":v": version, ":seq": seq, ":one": 1}
-    items: list[dict[str, Any]] = []
-    if result.weights is None:
-        assert result.state is not None
-        key = keys.state_key(run_id, f"buffer-{seq + 1:08d}-{nonce}")
-        blob = encode(result.state.arrays, {"values": json.dumps(result.state.values)})
-        store.put(key, blob)
-        # Buffer keys are never rewritten (each has a nonce): the next update here reads it from memory.
-        store.remember_blob(key, blob)
-        buffered_ids = [*state.get("buffer_ids", []), ref]
-        update = (
-            "SET buffer_key = :key, buffer_seq = :next, buffer_ids = :ids, buffered = :n ADD received :one"
+    def _load_buffer(self, state: Mapping[str, Any]) -> AsyncState | None:
+        key = state.get("buffer_key")
+        if not key or not int(state.get("buffered", 0)):
+            return None
+        data = self.store.cached_blob(str(key))
+        if data is None:
+            data = self.store.get_bytes(str(key))
+        arrays, meta = decode(data, max_bytes=self.store.settings.max_model_bytes)
+        return AsyncState(arrays=arrays, values=json.loads(meta.get("values", "{}")))
+
+    # ---- the commit ---------------------------------------------------------------------------
+    def _commit(self, plan: _Plan) -> BatchCommit:
+        state, run_id = plan.state, self.run_id
+        counted = [v for v in plan.verdicts if v.counted]
+        commit = BatchCommit(
+            run_id,
+            plan.verdicts,
+            plan.version,
+            published=plan.steps > 0,
+            steps=plan.steps,
+            buffered=len(plan.buffer_ids),
+            finished=plan.finished,
+            metrics=plan.step_metrics,
         )
-        values.update({":key": key, ":next": seq + 1, ":ids": buffered_ids, ":n": len(buffered_ids)})
-        marker["outcome"] = "buffered"
-        outcome = AsyncOutcome("buffered", record, staleness, version, metrics=metrics)
-    else:
-        new_version = version + 1
-        applied_ids = [*state.get("buffer_ids", []), ref]
-        key = f"runs/{run_id}/global/{new_version:06d}-{nonce}.safetensors"
-        data = encode(
-            result.weights,
-            {
-                "run_id": run_id,
-                "version": str(new_version),
-                "parent_version": str(version),
-                "aggregator": settings.aggregator,
-                "creator": "fedstream.async_update",
-                "created_at": _now(),
-                "applied": json.dumps(applied_ids),
-                "metrics": json.dumps(metrics),
-            },
-        )
-        store.put_once(key, data)
-        digest = sha256_hex(data)
-        update = (
-            "SET version = :new, global_key = :key, global_sha256 = :sha, buffer_seq = :next, "
-            "buffer_ids = :empty, buffered = :zero, version_at = :at, last_metrics = :metrics "
-            "ADD received :one, applied :applied"
-        )
-        values.update(
-            {
-                ":new": new_version,
-                ":key": key,
-                ":sha": digest,
-                ":next": seq + 1,
-                ":empty": [],
-                ":zero": 0,
-                ":at": str(time.time()),
-                ":metrics": json.dumps({**metrics, **record.metrics.as_dict()}),
-                ":applied": len(applied_ids),
+        if not counted:
+            return commit  # only duplicates (or nothing): the markers already say it all
+        nonce = uuid.uuid4().hex[:10]
+        now = time.time()
+        released = {**state.get("released", {}), **{v.record.client_id: plan.version for v in counted}}
+        sets: dict[str, Any] = {
+            "buffer_seq": int(state.get("buffer_seq", 0)) + 1,
+            "buffer_ids": plan.buffer_ids,
+            "buffered": len(plan.buffer_ids),
+            "released": released,
+        }
+        items: list[dict[str, Any]] = []
+        if plan.buffer_changed and plan.buffer is not None and plan.buffer_ids:
+            key = keys.state_key(run_id, f"buffer-{sets['buffer_seq']:08d}-{nonce}")
+            blob = encode(plan.buffer.arrays, {"values": json.dumps(plan.buffer.values)})
+            self.store.put(key, blob)
+            # Buffer keys are never rewritten (each has a nonce): the next batch here reads it from memory.
+            self.store.remember_blob(key, blob)
+            sets["buffer_key"] = key
+        data = b""
+        if plan.steps:
+            key = keys.global_attempt_key(run_id, plan.version, nonce)
+            data = encode(
+                plan.weights,
+                {
+                    "run_id": run_id,
+                    "version": str(plan.version),
+                    "parent_version": str(state["version"]),
+                    "aggregator": self.settings.aggregator,
+                    "creator": "fedstream.async_update",
+                    "created_at": _now(),
+                    "applied": json.dumps(plan.lineage),
+                    "metrics": json.dumps(plan.step_metrics),
+                },
+            )
+            self.store.put_once(key, data)
+            digest = sha256_hex(data)
+            sets |= {
+                "version": plan.version,
+                "global_key": key,
+                "global_sha256": digest,
+                "version_at": str(now),
+                "last_metrics": json.dumps({**plan.step_metrics, **plan.reported}),
             }
-        )
-        marker["outcome"] = "applied"
-        items.append(
-            {
-                "Put": {
-                    "TableName": settings.run_table,
-                    "Item": to_dynamo(
-                        {
+            items.append(
+                {
+                    "Put": {
+                        "Item": {
                             "run_id": run_id,
-                            "sk": f"version#{new_version}",
+                            "sk": f"version#{plan.version}",
                             "key": key,
                             "sha256": digest,
-                            "parent": version,
-                            "applied": applied_ids,
-                        }
-                    ),
-                    "ConditionExpression": "attribute_not_exists(run_id)",
+                            "parent": int(state["version"]),
+                            "applied": plan.lineage,
+                            "steps": plan.steps,
+                            "committed_at": now,
+                        },
+                        "ConditionExpression": "attribute_not_exists(run_id)",
+                    }
+                }
+            )
+        if plan.finished:
+            sets |= {"status": "SUCCEEDED", "finish_reason": plan.finished, "finished_at": _now()}
+        rejected = sum(v.outcome == "rejected" for v in counted)
+        names = {f"#{name}": name for name in sets} | {
+            "#v0": "version",
+            "#seq0": "buffer_seq",
+            "#st0": "status",
+        }
+        values = {f":{name}": value for name, value in sets.items()} | {
+            ":v0": int(state["version"]),
+            ":seq0": int(state.get("buffer_seq", 0)),
+            ":st0": state.get("status"),
+            ":received": len(counted),
+            ":applied": plan.applied,
+            ":rejected": rejected,
+        }
+        items.append(
+            {
+                "Update": {
+                    "Key": {"run_id": run_id, "sk": STATE_KEY},
+                    "UpdateExpression": "SET "
+                    + ", ".join(f"#{name} = :{name}" for name in sets)
+                    + " ADD received :received, applied :applied, rejected :rejected",
+                    "ConditionExpression": "#v0 = :v0 AND #seq0 = :seq0 AND #st0 = :st0",
+                    "ExpressionAttributeNames": names,
+                    "ExpressionAttributeValues": values,
                 }
             }
         )
-        outcome = AsyncOutcome("applied", record, staleness, new_version, metrics=metrics)
-        outcome.lag_seconds = time.time() - float(state.get("version_at") or time.time())
-    items += [
-        {
-            "Update": {
-                "TableName": settings.run_table,
-                "Key": to_dynamo({"run_id": run_id, "sk": STATE_KEY}),
-                "UpdateExpression": update,
-                "ConditionExpression": condition,
-                "ExpressionAttributeValues": to_dynamo(values),
-            }
-        },
-        {
-            "Put": {
-                "TableName": settings.run_table,
-                "Item": to_dynamo(marker),
-                "ConditionExpression": "attribute_not_exists(run_id)",
-            }
-        },
-    ]
-    try:
-        store.dynamodb.meta.client.transact_write_items(TransactItems=items)
-    except Exception as exc:
-        if is_code(exc, "TransactionCanceledException"):
-            raise ConditionFailed(condition) from exc
-        raise
-    if outcome.outcome == "applied":
-        # The next update mixes into it; it was just encoded (and so checked) here.
-        store.remember_global_model(run_id, outcome.version, key, data, values[":sha"])
-        # The conditional flip made this exactly the stored state (the rejected counter aside).
-        fresh = {
-            **state,
-            "version": outcome.version,
-            "applied": int(state.get("applied", 0)) + values[":applied"],
+        for verdict in counted:
+            verdict.stream_wait = (
+                None if verdict.arrival.written_at is None else now - verdict.arrival.written_at
+            )
+            items.append(
+                {
+                    "Put": {
+                        "Item": self._marker(verdict, plan.version, now),
+                        "ConditionExpression": "attribute_not_exists(run_id)",
+                    }
+                }
+            )
+        faults.point("async.before_commit")
+        self.store.transact(items)
+        if plan.steps:
+            # The next batch mixes into it; it was just encoded (and so checked) here.
+            self.store.remember_global_model(
+                run_id, plan.version, sets["global_key"], data, sets["global_sha256"]
+            )
+        return commit
+
+    def _marker(self, verdict: Verdict, released_at: int, now: float) -> dict[str, Any]:
+        assert verdict.record is not None
+        marker: dict[str, Any] = {
+            "run_id": self.run_id,
+            "sk": marker_sk(update_ref(verdict.record)),
+            "client_id": verdict.record.client_id,
+            "base_version": verdict.record.base_version,
+            "outcome": verdict.outcome if verdict.reason is None else f"rejected:{verdict.reason}",
+            "at_version": verdict.version,
+            "released_at": released_at,
+            "consumed_at": now,
         }
-        settings_for_clients = json.loads(fresh.get("client_settings") or "{}")
-        store.publish(
+        if verdict.staleness is not None:
+            marker["staleness"] = verdict.staleness
+        if verdict.arrival.written_at is not None:
+            marker["written_at"] = verdict.arrival.written_at
+        return marker
+
+    # ---- telling the clients ------------------------------------------------------------------
+    def _notify(self, plan: _Plan, commit: BatchCommit) -> None:
+        """One "model ready" naming every update the batch consumed, or "training complete" at the end.
+
+        Once the run is over only "training complete" goes out (again after every later batch, for a
+        client that missed it): a client told its update was consumed would train once more for nothing.
+        """
+        faults.point("async.before_notify")
+        state = plan.state
+        if commit.finished or state.get("status") != "RUNNING":
+            self.store.publish(
+                TrainingComplete(run_id=self.run_id, reason="done", final_version=commit.version).model_dump()
+            )
+            return
+        consumed = [v.ref for v in commit.verdicts if v.ref is not None]
+        if not consumed:
+            return
+        key, digest = str(state["global_key"]), str(state["global_sha256"])
+        if commit.published:
+            model = self.store.global_model(self.run_id, commit.version)  # cached by the commit
+            key, digest = model.key, model.sha256
+        self.store.publish(
             ModelReady(
-                run_id=run_id,
-                version=outcome.version,
+                run_id=self.run_id,
+                version=commit.version,
                 object_key=key,
-                sha256=values[":sha"],
-                client_settings=settings_for_clients,
+                sha256=digest,
+                client_settings=json.loads(state.get("client_settings") or "{}"),
+                consumed=consumed,
             ).model_dump(exclude_none=True)
         )
-        outcome.finished = finish_if_done(store, fresh, metrics, record, stop=result.stop)
-    return outcome
-
-
-def finish_if_done(
-    store: Store,
-    state: Mapping[str, Any],
-    metrics: Mapping[str, float],
-    record: UpdateRecord,
-    *,
-    stop: bool = False,
-) -> str | None:
-    """End the run (once) when a stop condition holds; returns the reason, or None."""
-    reason = None
-    max_updates = int(state.get("max_updates") or 0)
-    target = state.get("target_accuracy") or ""
-    max_seconds = float(state.get("max_seconds") or 0)
-    accuracy = record.metrics.eval_accuracy
-    if stop:
-        reason = "privacy_budget"
-    elif max_updates and int(state.get("applied", 0)) >= max_updates:
-        reason = "max_updates"
-    elif target and accuracy is not None and accuracy >= float(target):
-        reason = "target_accuracy"
-    elif max_seconds and state.get("started_at"):
-        elapsed = (datetime.now(UTC) - datetime.fromisoformat(str(state["started_at"]))).total_seconds()
-        reason = "wall_clock" if elapsed >= max_seconds else None
-    if reason is None:
-        return None
-    return reason if end_run(store, str(state["run_id"]), reason, int(state["version"])) else None
 
 
 def end_run(store: Store, run_id: str, reason: str, version: int) -> bool:

@@ -195,6 +195,60 @@ class Store:
                 raise ConditionFailed(condition) from exc
             raise
 
+    def run_items(self, run_id: str, sort_keys: list[str]) -> dict[str, dict[str, Any]]:
+        """The run-table items of ``run_id`` with these sort keys that exist, by sort key (consistent)."""
+        found: dict[str, dict[str, Any]] = {}
+        unique = list(dict.fromkeys(sort_keys))
+        for start in range(0, len(unique), 100):  # BatchGetItem reads at most 100 keys
+            pending: dict[str, Any] = {
+                self.settings.run_table: {
+                    "Keys": [{"run_id": run_id, "sk": sk} for sk in unique[start : start + 100]],
+                    "ConsistentRead": True,
+                }
+            }
+            while pending:
+                response = self.dynamodb.batch_get_item(RequestItems=pending)
+                for item in response.get("Responses", {}).get(self.settings.run_table, []):
+                    found[str(item["sk"])] = plain(item)
+                pending = response.get("UnprocessedKeys") or {}
+        return found
+
+    def run_items_with_prefix(self, run_id: str, prefix: str) -> list[dict[str, Any]]:
+        """Every run-table item of ``run_id`` whose sort key starts with ``prefix`` (a paged Query)."""
+        from boto3.dynamodb.conditions import Key
+
+        items: list[dict[str, Any]] = []
+        kwargs: dict[str, Any] = {
+            "KeyConditionExpression": Key("run_id").eq(run_id) & Key("sk").begins_with(prefix),
+            "ConsistentRead": True,
+        }
+        while True:
+            response = self.runs.query(**kwargs)
+            items += [plain(item) for item in response.get("Items", [])]
+            if "LastEvaluatedKey" not in response:
+                return items
+            kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
+
+    def transact(self, items: list[dict[str, Any]]) -> None:
+        """One DynamoDB transaction on the run table (at most 100 items, 4 MB); ConditionFailed if any
+        condition did not hold. Each item is ``{"Put": {...}}`` or ``{"Update": {...}}`` with plain
+        Python values (floats become Decimals here).
+        """
+        request = []
+        for item in items:
+            [(verb, body)] = item.items()
+            body = {"TableName": self.settings.run_table, **body}
+            for field in ("Item", "Key", "ExpressionAttributeValues"):
+                if field in body:
+                    body[field] = to_dynamo(body[field])
+            request.append({verb: body})
+        try:
+            self.dynamodb.meta.client.transact_write_items(TransactItems=request)
+        except ClientError as exc:
+            if is_code(exc, "TransactionCanceledException"):
+                raise ConditionFailed("transaction cancelled") from exc
+            raise
+
     # ---- callbacks and notifications --------------------------------------------------------
     def send_task_success(self, token: str, output: Mapping[str, Any]) -> bool:
         """False when the token is no longer waiting (timed out, or already answered)."""

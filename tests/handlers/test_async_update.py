@@ -14,7 +14,7 @@ import pytest
 from fedstream.local.logs import metric_counts
 from fedstream.registry import default_registry
 from fedstream.server import asynchronous
-from fedstream.server.sync import Rejected
+from fedstream.server.asynchronous import Arrival
 from fedstream.weights import decode
 from handlers import async_update
 from tests.handlers.conftest import FakeContext, SyncWorld, stream_event
@@ -138,21 +138,20 @@ def test_concurrent_handlers_lose_and_double_no_update(async_world: SyncWorld) -
     lock = threading.Lock()
 
     def worker(chunk: list[tuple[int, dict[str, Any]]]) -> None:
-        for index, item in chunk:
+        for start in range(0, len(chunk), 10):  # batches of ten, as the stream delivers them
+            batch = chunk[start : start + 10]
             for _attempt in range(5):  # as Lambda's event source mapping retries a failed batch
-                outcome = _attempt_once(item)
-                if not outcome.startswith("error"):
-                    break
+                try:
+                    result = asynchronous.handle_async_batch(
+                        world.store, settings, default_registry(), [Arrival(item) for _, item in batch]
+                    )
+                except Exception as exc:
+                    verdicts = [f"error: {exc!r}"] * len(batch)
+                    continue
+                verdicts = [v.outcome if v.reason is None else v.reason for v in result.verdicts]
+                break
             with lock:
-                outcomes[index] = outcome
-
-    def _attempt_once(item: dict[str, Any]) -> str:
-        try:
-            return asynchronous.handle_async_record(world.store, settings, default_registry(), item).outcome
-        except Rejected as rejected:
-            return rejected.reason
-        except Exception as exc:
-            return f"error: {exc!r}"
+                outcomes.update({index: verdict for (index, _), verdict in zip(batch, verdicts, strict=True)})
 
     # WHEN four invocations race through them
     threads = [threading.Thread(target=worker, args=(work[i::4],)) for i in range(4)]
