@@ -6,8 +6,10 @@ client. Two runs through ``fedstream local``:
 
 - sync FedAvg, ``--rounds`` rounds: from the last client's record of round r to every client
   holding round r+1's global model (r = 1 .. rounds-1);
-- async FedAsync, ``--updates`` applied updates: from a client's record to the first client
-  holding the version that record produced.
+- async FedAsync with ``--async-clients`` clients, ``--updates`` applied updates: from a client's
+  record to the first client holding the version its batch produced; and the stream handler's
+  throughput (records per second of handler time, records per batch), the stream wait (record
+  written -> batch committed, from the run's update markers) and the staleness.
 
 Each interval is split where the logs allow: the client's events (``out/clients/*.log``), the
 handlers' log lines (``logs.jsonl``), and the entry time of every stream-handler invocation, which
@@ -261,8 +263,9 @@ def sync_stages(out: Path, recorder: Recorder) -> tuple[list[Stage], dict[str, i
 
 
 def async_stages(out: Path, recorder: Recorder) -> tuple[list[Stage], dict[str, int]]:
+    """Per record: stream poll, its batch's handling to the commit, the new version reaching a client."""
     lines = handler_lines(out)
-    previous = previous_line_times(lines)
+    commits = [line for line in lines if line["message"] == "batch committed"]
     events = client_events(out)
     reported = {(e["client_id"], e["version"]): e["at"] for e in events if e["event"] == "reported"}
     first_training: dict[int, float] = {}
@@ -273,40 +276,66 @@ def async_stages(out: Path, recorder: Recorder) -> tuple[list[Stage], dict[str, 
         ("record put -> stream handler invoked (stream poll)", False),
         ("of which waiting behind earlier invocations (backlog)", True),
         ("of which polling (sleep, describe_stream, get_records)", True),
-        ("stream handler invoked -> update applied", False),
-        ("of which that record's own handling", True),
-        ("update applied -> first client holds the new version", False),
+        ("stream handler invoked -> batch committed", False),
+        ("batch committed -> first client holds the new version", False),
         ("total: record put -> first client holds the new version", False),
     ]
     stages = [Stage("async", name, indent=indent) for name, indent in names]
     notes = Counter()
-    for index, line in enumerate(lines):
-        if line["message"] != "update applied":
+    for invocation in recorder.invocations:
+        committed = [c for c in commits if invocation.started <= log_time(c) <= invocation.ended + 0.002]
+        if not committed:
+            notes["invocations without a commit (only refused or duplicate records)"] += 1
             continue
-        notes["updates applied"] += 1
-        client, base, new = str(line["client_id"]), int(line["version"]), int(line["new_version"])
-        put = reported.get((client, base))
-        invocation = recorder.first_invocation(client, base)
-        holds = first_training.get(new)
-        if holds is None:
-            notes["new versions no client trained on (superseded in its queue)"] += 1
-            continue
-        if put is None or invocation is None:
-            notes["updates without a matched record"] += 1
-            continue
-        applied = log_time(line)
-        own_start = max(invocation.started, previous.get(index, invocation.started))
-        values = [
-            invocation.started - put,
-            *recorder.poll_split(put, invocation),
-            applied - invocation.started,
-            applied - own_start,
-            holds - applied,
-            holds - put,
-        ]
-        for stage, value in zip(stages, values, strict=True):
-            stage.add(value)
+        commit = committed[-1]
+        at, holds = log_time(commit), first_training.get(int(commit["version"]))
+        if not commit["published"] or holds is None:
+            notes["batches whose version no client trained on (buffered only, or superseded)"] += 1
+            holds = None
+        for client, base, _ in invocation.records:
+            put = reported.get((client, base))
+            if put is None:
+                notes["records without a matched 'reported' event"] += 1
+                continue
+            values = [
+                invocation.started - put,
+                *recorder.poll_split(put, invocation),
+                at - invocation.started,
+                None if holds is None else holds - at,
+                None if holds is None else holds - put,
+            ]
+            for stage, value in zip(stages, values, strict=True):
+                stage.add(value)
     return stages, dict(notes)
+
+
+def async_throughput(summary: RunSummary, recorder: Recorder) -> str:
+    """What the async stream handler got through, and how long records waited for it."""
+    busy = sum(i.ended - i.started for i in recorder.invocations)
+    sizes = [len(i.records) for i in recorder.invocations if i.records]
+    figures = summary.async_stats
+    wait, staleness = figures.get("stream_wait_seconds", {}), figures.get("staleness", {})
+    records = recorder.records
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value * 1000:.0f} ms"
+
+    def three(values: dict[str, Any], show: Any) -> str:
+        return " / ".join(show(values.get(name)) for name in ("p50", "p95", "max"))
+
+    rows = [
+        "| figure | value |",
+        "|---|---:|",
+        f"| records handled | {records} in {len(sizes)} invocations |",
+        f"| records per invocation, mean / max | {np.mean(sizes):.1f} / {max(sizes)} |",
+        f"| handler busy | {busy:.1f} s of {summary.wall_seconds:.1f} s |",
+        f"| records/s while the handler runs | {records / busy:.1f} |",
+        f"| handler time per record | {busy / records * 1000:.1f} ms |",
+        f"| stream wait p50 / p95 / max | {three(wait, ms)} |",
+        f"| staleness p50 / p95 / max | {three(staleness, str)} |",
+        f"| most records written and not yet consumed at once | {figures.get('max_backlog')} |",
+    ]
+    return "\n".join(rows)
 
 
 def table(stages: Iterable[Stage]) -> str:
@@ -439,6 +468,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=30, help="sync rounds (rounds-1 round transitions)")
     parser.add_argument("--updates", type=int, default=200, help="async updates applied before the run stops")
+    parser.add_argument("--async-clients", type=int, default=10, help="clients in the async run")
     parser.add_argument("--mode", choices=("both", "sync", "async"), default="both")
     parser.add_argument("--trainer", default="instant:1000")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -448,7 +478,6 @@ def main() -> None:
 
     profiler = start_profiler(args.profile, args.profile_rate) if args.profile else None
     common = dict(
-        clients=args.clients,
         trainer=args.trainer,
         client_runtime="thread",
         dataset="digits",
@@ -462,7 +491,9 @@ def main() -> None:
     try:
         if args.mode in ("both", "sync"):
             out = args.out / "sync"
-            config = LocalRunConfig(mode="sync", aggregator="fedavg", rounds=args.rounds, out=out, **common)
+            config = LocalRunConfig(
+                mode="sync", aggregator="fedavg", rounds=args.rounds, clients=args.clients, out=out, **common
+            )
             summary, recorder = run_recorded(config)
             print(f"sync: {summary.status}, {len(summary.rounds)} rounds in {summary.wall_seconds:.1f} s")
             recorders["sync"] = recorder, len(summary.rounds)
@@ -472,7 +503,12 @@ def main() -> None:
         if args.mode in ("both", "async"):
             out = args.out / "async"
             config = LocalRunConfig(
-                mode="async", aggregator="fedasync", updates=args.updates, out=out, **common
+                mode="async",
+                aggregator="fedasync",
+                updates=args.updates,
+                clients=args.async_clients,
+                out=out,
+                **common,
             )
             summary, recorder = run_recorded(config)
             print(
@@ -480,6 +516,7 @@ def main() -> None:
                 f"({summary.counts.get('rejected', 0)} rejected) in {summary.wall_seconds:.1f} s"
             )
             recorders["async"] = recorder, summary.counts.get("applied", 0)
+            throughput = async_throughput(summary, recorder)
             found, found_notes = async_stages(out, recorder)
             stages += found
             notes.update({f"async: {k}": v for k, v in found_notes.items()})
@@ -487,7 +524,10 @@ def main() -> None:
         if profiler is not None:
             stop_profiler(profiler)
     elapsed = time.monotonic() - started
-    print(f"\n{args.clients} thread clients, {args.trainer}; whole script {elapsed:.0f} s\n")
+    print(
+        f"\n{args.clients} (sync) and {args.async_clients} (async) thread clients, {args.trainer}; "
+        f"whole script {elapsed:.0f} s\n"
+    )
     print(table(stages))
     if notes:
         print()
@@ -495,6 +535,9 @@ def main() -> None:
             print(f"- {name}: {value}")
     print()
     print(requests_table(recorders))
+    if "async" in recorders:
+        print()
+        print(throughput)
     if args.profile:
         print()
         print(summarise_profile(args.profile))

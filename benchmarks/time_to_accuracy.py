@@ -1,18 +1,22 @@
 """Time and updates to a target accuracy: sync FedAvg and FedProx against async FedAsync and FedBuff.
 
-Eight runs through `fedstream local` (the embedded AWS, real Keras client processes): four
-algorithms, each with every client at full speed and with the last ``--stragglers`` clients
-``--factor`` times slower. All runs share the dataset, the non-IID split, the model (the dataset's
-built-in Keras model: ``small_cnn`` for the 28x28 datasets), the seed and one local epoch per
-update. For each run it prints the wall-clock seconds and the client updates applied until the
-global model first reaches ``--target`` test accuracy (sync: rounds x clients aggregated), the
-final and the best accuracy, and draws accuracy against wall-clock time for all runs in one figure.
+Runs through `fedstream local` (the embedded AWS, real Keras client processes): each algorithm in
+each straggler scenario (``--scenarios``: none; the last 2 clients 4x slower; the last 4 clients
+10x slower). All runs share the dataset, the non-IID split, the model (the dataset's built-in
+Keras model: ``small_cnn`` for the 28x28 datasets), the seed and one local epoch per update; the
+async aggregators run with their default parameters unless ``--alpha`` or ``--buffer-size`` is
+given. For each run it prints the wall-clock seconds and the client updates applied until the
+global model first reaches ``--target`` test accuracy (sync: rounds x clients aggregated), that
+time as a multiple of sync FedAvg's in the same scenario, the final and the best accuracy, and for
+async runs the staleness of the updates taken (p50 / p95 / max) and the median stream wait; it
+draws accuracy against wall-clock time for all runs in one figure.
 
-    .venv/bin/python benchmarks/time_to_accuracy.py                       # mnist-5k, about 20 min
+    .venv/bin/python benchmarks/time_to_accuracy.py                       # mnist-5k, about 25 min
     .venv/bin/python benchmarks/time_to_accuracy.py --dataset fashion-mnist --target 0.75
 
 Time starts once every client process has loaded its data and model (TensorFlow start-up is not
-counted); each run's outputs (``metrics.json``, client logs) are left under ``--out``.
+counted) and ends when the server committed the version (a sync round's close, an async batch's
+commit), the same clock in both modes; each run's outputs are left under ``--out``.
 """
 
 from __future__ import annotations
@@ -31,13 +35,36 @@ from fedstream.local.run import LocalRunConfig, RoundRow, RunSummary, run_local
 ALGORITHMS = ("fedavg", "fedprox", "fedasync", "fedbuff")
 MODES = {"fedavg": "sync", "fedprox": "sync", "fedasync": "async", "fedbuff": "async"}
 COLOURS = {"fedavg": "tab:blue", "fedprox": "tab:green", "fedasync": "tab:orange", "fedbuff": "tab:red"}
+LINES = ("-", "--", ":", "-.")
 DEFAULT_PLOT = Path(__file__).resolve().parent / "plots" / "time_to_accuracy.png"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    stragglers: int
+    factor: float
+
+    @classmethod
+    def parse(cls, text: str) -> Scenario:
+        """``0`` (none) or ``KxF``: the last K clients F times slower."""
+        if text.strip() == "0":
+            return cls(0, 1.0)
+        count, _, factor = text.strip().partition("x")
+        return cls(int(count), float(factor))
+
+    @property
+    def label(self) -> str:
+        return "none" if not self.stragglers else f"{self.stragglers} x{self.factor:g}"
+
+    @property
+    def key(self) -> str:
+        return "0" if not self.stragglers else f"{self.stragglers}x{self.factor:g}"
 
 
 @dataclass
 class Result:
     algorithm: str
-    stragglers: int
+    scenario: Scenario
     status: str
     error: str | None
     seconds_to_target: float | None
@@ -48,6 +75,9 @@ class Result:
     trained_seconds: float
     run_seconds: float
     curve: list[tuple[float, float]]
+    staleness: dict[str, Any]
+    stream_wait_p50: float | None
+    run_finished: int
 
     @property
     def label(self) -> str:
@@ -77,14 +107,14 @@ def first_reaching(
 def aggregator_params(algorithm: str, args: argparse.Namespace) -> dict[str, Any]:
     if algorithm == "fedprox":
         return {"mu": args.mu}
-    if algorithm == "fedasync":
+    if algorithm == "fedasync" and args.alpha is not None:
         return {"alpha": args.alpha}
-    if algorithm == "fedbuff":
+    if algorithm == "fedbuff" and args.buffer_size is not None:
         return {"buffer_size": args.buffer_size}
     return {}
 
 
-def run_one(algorithm: str, stragglers: int, args: argparse.Namespace) -> Result:
+def run_one(algorithm: str, scenario: Scenario, args: argparse.Namespace) -> Result:
     mode = MODES[algorithm]
     config = LocalRunConfig(
         mode=mode,
@@ -96,13 +126,13 @@ def run_one(algorithm: str, stragglers: int, args: argparse.Namespace) -> Result
         max_seconds=args.max_seconds,
         dataset=args.dataset,
         partition=args.partition,
-        stragglers=stragglers,
-        straggler_factor=args.factor if stragglers else 1.0,
+        stragglers=scenario.stragglers,
+        straggler_factor=scenario.factor,
         trainer="keras",
         epochs=args.epochs,
         seed=args.seed,
         progress=False,
-        out=args.out / f"{algorithm}-stragglers{stragglers}",
+        out=args.out / f"{algorithm}-stragglers-{scenario.key}",
     )
     started = time.monotonic()
     summary = run_local(config)
@@ -112,9 +142,10 @@ def run_one(algorithm: str, stragglers: int, args: argparse.Namespace) -> Result
     accuracies = summary.accuracies
     curve = [(0.0, summary.initial_accuracy)] if summary.initial_accuracy is not None else []
     curve += [(r.elapsed_seconds, r.test_accuracy) for r in summary.rounds if r.test_accuracy is not None]
+    taken = summary.async_stats.get("staleness", {})
     return Result(
         algorithm=algorithm,
-        stragglers=stragglers,
+        scenario=scenario,
         status=summary.status,
         error=summary.error,
         seconds_to_target=seconds,
@@ -125,6 +156,9 @@ def run_one(algorithm: str, stragglers: int, args: argparse.Namespace) -> Result
         trained_seconds=summary.rounds[-1].elapsed_seconds if summary.rounds else 0.0,
         run_seconds=run_seconds,
         curve=curve,
+        staleness=taken,
+        stream_wait_p50=summary.async_stats.get("stream_wait_seconds", {}).get("p50"),
+        run_finished=summary.rejected.get("run_finished", 0),
     )
 
 
@@ -132,18 +166,29 @@ def table(results: list[Result], args: argparse.Namespace) -> str:
     def accuracy(value: float | None) -> str:
         return "-" if value is None else f"{value:.3f}"
 
+    def staleness(r: Result) -> str:
+        if not r.staleness or r.staleness.get("max") is None:
+            return "-"
+        return f"{r.staleness['p50']:g} / {r.staleness['p95']:.1f} / {r.staleness['max']:g}"
+
+    sync_times = {r.scenario: r.seconds_to_target for r in results if r.algorithm == "fedavg"}
     lines = [
-        f"| run | stragglers | time to {args.target:g} | updates to {args.target:g} | final accuracy "
-        "| best accuracy | updates applied | trained for |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| run | stragglers | time to {args.target:g} | x sync fedavg | updates to {args.target:g} "
+        "| final accuracy | best accuracy | updates applied | trained for | staleness p50 / p95 / max "
+        "| stream wait p50 | run_finished |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        slow = "none" if r.stragglers == 0 else f"{r.stragglers} x{args.factor:g}"
         reached = r.seconds_to_target is not None
+        baseline = sync_times.get(r.scenario)
+        ratio = f"{r.seconds_to_target / baseline:.2f}x" if reached and baseline else "-"
+        wait = "-" if r.stream_wait_p50 is None else f"{r.stream_wait_p50:.2f} s"
+        to_target = f"{r.seconds_to_target:.1f} s" if reached else "not reached"
         lines.append(
-            f"| {r.label} | {slow} | {f'{r.seconds_to_target:.1f} s' if reached else 'not reached'} "
-            f"| {r.updates_to_target if reached else '-'} | {accuracy(r.final_accuracy)} "
-            f"| {accuracy(r.best_accuracy)} | {r.updates_applied} | {r.trained_seconds:.1f} s |"
+            f"| {r.label} | {r.scenario.label} | {to_target} "
+            f"| {ratio} | {r.updates_to_target if reached else '-'} | {accuracy(r.final_accuracy)} "
+            f"| {accuracy(r.best_accuracy)} | {r.updates_applied} | {r.trained_seconds:.1f} s "
+            f"| {staleness(r)} | {wait} | {r.run_finished if MODES[r.algorithm] == 'async' else '-'} |"
         )
     return "\n".join(lines)
 
@@ -151,17 +196,18 @@ def table(results: list[Result], args: argparse.Namespace) -> str:
 def plot(results: list[Result], args: argparse.Namespace, path: Path) -> None:
     plt = pyplot()
 
-    fig, ax = plt.subplots(figsize=(8, 4.8))
+    fig, ax = plt.subplots(figsize=(9, 5.2))
+    scenarios = list(dict.fromkeys(r.scenario for r in results))
     for r in results:
         if not r.curve:
             continue
         times, accuracies = zip(*r.curve, strict=True)
-        slow = "no stragglers" if r.stragglers == 0 else f"{r.stragglers} clients x{args.factor:g} slower"
+        slow = "no stragglers" if not r.scenario.stragglers else f"{r.scenario.label} slower"
         ax.plot(
             times,
             accuracies,
             color=COLOURS[r.algorithm],
-            ls="-" if r.stragglers == 0 else "--",
+            ls=LINES[scenarios.index(r.scenario) % len(LINES)],
             marker="o" if MODES[r.algorithm] == "sync" else None,
             markersize=3,
             lw=1.4,
@@ -204,12 +250,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20, help="sync: rounds per run")
     parser.add_argument("--updates", type=int, default=200, help="async: applied updates per run at most")
     parser.add_argument("--max-seconds", type=float, default=90.0, help="async: seconds per run at most")
-    parser.add_argument("--stragglers", type=int, default=2, help="slow clients in the straggler runs")
-    parser.add_argument("--factor", type=float, default=4.0, help="how many times slower they train")
+    parser.add_argument(
+        "--scenarios",
+        default="0,2x4,4x10",
+        help="comma-separated straggler scenarios: 0 (none) or KxF (the last K clients F times slower)",
+    )
+    parser.add_argument(
+        "--skip", default="fedprox@4x10", help="comma-separated ALGORITHM@SCENARIO runs to leave out"
+    )
     parser.add_argument("--epochs", type=int, default=1, help="local epochs per update")
     parser.add_argument("--mu", type=float, default=0.01, help="fedprox: proximal mu")
-    parser.add_argument("--alpha", type=float, default=0.6, help="fedasync: mixing alpha")
-    parser.add_argument("--buffer-size", type=int, default=3, help="fedbuff: K")
+    parser.add_argument("--alpha", type=float, help="fedasync: mixing alpha (default: the plugin's)")
+    parser.add_argument("--buffer-size", type=int, help="fedbuff: K (default: the plugin's)")
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated subset")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-time-to-accuracy"))
@@ -224,31 +276,39 @@ def main() -> None:
 
     from client.trainer import default_model_for
 
+    scenarios = [Scenario.parse(text) for text in args.scenarios.split(",") if text.strip()]
+    skipped = {text.strip() for text in args.skip.split(",") if text.strip()}
     print(
         f"{args.dataset}, model {default_model_for(args.dataset).__name__}, {args.clients} clients, "
         f"{args.partition}, {args.epochs} local epoch(s); sync {args.rounds} rounds, async at most "
         f"{args.updates} updates or {args.max_seconds:g} s; "
-        f"stragglers: 0 and {args.stragglers} x{args.factor:g}",
+        f"stragglers: {', '.join(s.label for s in scenarios)}",
         file=sys.stderr,
     )
     started = time.monotonic()
     results = []
-    for algorithm in algorithms:
-        for stragglers in (0, args.stragglers):
-            result = run_one(algorithm, stragglers, args)
+    for scenario in scenarios:
+        for algorithm in algorithms:
+            if f"{algorithm}@{scenario.key}" in skipped:
+                continue
+            result = run_one(algorithm, scenario, args)
             results.append(result)
             print(
-                f"  {result.label}, {stragglers} stragglers: {result.status}, final {result.final_accuracy}, "
+                f"  {result.label}, stragglers {scenario.label}: {result.status}, "
+                f"to target {result.seconds_to_target}, final {result.final_accuracy}, "
                 f"{result.run_seconds:.0f} s with start-up",
                 file=sys.stderr,
             )
     total = time.monotonic() - started
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"args": {k: str(v) for k, v in vars(args).items()}, "results": [vars(r) for r in results]}
+    report = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "results": [{**vars(r), "scenario": r.scenario.label} for r in results],
+    }
     (args.out / "results.json").write_text(json.dumps(report, indent=2))
     plot(results, args, args.plot)
     print(table(results, args))
-    failed = [f"{r.label} ({r.stragglers} stragglers): {r.error}" for r in results if r.status != "SUCCEEDED"]
+    failed = [f"{r.label} ({r.scenario.label}): {r.error}" for r in results if r.status != "SUCCEEDED"]
     if failed:
         print("runs that did not succeed: " + "; ".join(failed))
     print(f"\n{len(results)} runs in {total / 60:.1f} min (with process start-up); plot: {args.plot}")

@@ -63,6 +63,7 @@ def log_commit(commit: BatchCommit) -> None:
     applied = sum(v.outcome == "applied" for v in commit.verdicts)
     metrics.add_metric(name="BatchSize", unit=MetricUnit.Count, value=len(commit.verdicts))
     metrics.add_metric(name="BufferFill", unit=MetricUnit.Count, value=commit.buffered)
+    metrics.add_metric(name="AggregationSeconds", unit=MetricUnit.Seconds, value=commit.aggregation_seconds)
     if applied:
         metrics.add_metric(name="UpdateApplied", unit=MetricUnit.Count, value=applied)
     if commit.conflict_retries:
@@ -77,6 +78,7 @@ def log_commit(commit: BatchCommit) -> None:
             "records": len(commit.verdicts),
             "buffered": commit.buffered,
             "conflict_retries": commit.conflict_retries,
+            "aggregation_seconds": commit.aggregation_seconds,
             "metrics": commit.metrics,
         },
     )

@@ -108,7 +108,11 @@ def run_summary(updates: Sequence[Consumed]) -> dict[str, Any]:
     return {
         "updates": len(updates),
         "outcomes": outcomes,
-        "staleness": {**percentiles(staleness), "mean_by_quarter": [float(q.mean()) for q in quarters]},
+        "staleness": {
+            **percentiles(staleness),
+            "mean_by_quarter": [float(q.mean()) for q in quarters],
+            "max_by_quarter": [float(q.max()) for q in quarters],
+        },
         "stream_wait_seconds": percentiles([w for u in updates if (w := u.stream_wait) is not None]),
         "max_backlog": max_backlog(updates),
         "clients_with_two_in_flight": double_flights(updates),

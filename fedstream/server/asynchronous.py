@@ -24,7 +24,8 @@ One run, one batch of update records (a Lambda invocation of the stream function
    and publishes it again.
 
 A commit that loses a race (another invocation moved the run first) recomputes the batch from the
-fresh state, reusing the updates it already downloaded and checked. A transaction holds the state,
+fresh state. Downloads run ahead in ``download_threads`` threads while records are judged in
+order, so memory holds that many updates besides the model and the buffer. A transaction holds the state,
 one marker per record and one version item: at most ``MAX_RECORDS_PER_COMMIT`` records each.
 """
 
@@ -44,7 +45,7 @@ from fedstream.aggregation import AggregationError, Aggregator, AsyncState, Clie
 from fedstream.registry import AggregatorRegistry
 from fedstream.schemas import ModelReady, TrainingComplete, UpdateRecord
 from fedstream.server.store import ConditionFailed, GlobalModel, MissingObject, Store
-from fedstream.server.sync import Rejected, check_identity, load_update, parse_record
+from fedstream.server.sync import Rejected, check_identity, load_update, parse_record, prefetch
 from fedstream.settings import HandlerSettings
 from fedstream.weights import Weights, all_finite, decode, encode, sha256_hex
 
@@ -111,6 +112,7 @@ class BatchCommit:
     finished: str | None = None
     conflict_retries: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    aggregation_seconds: float = 0.0  # judging, downloading and applying the records (the last try)
 
 
 @dataclass
@@ -232,7 +234,6 @@ class _RunBatch:
     ) -> None:
         self.store, self.settings, self.run_id = store, settings, run_id
         self.registry = registry
-        self._updates: dict[str, Weights] = {}  # object key -> checked weights, kept across retries
 
     def process(self, items: list[tuple[Arrival, UpdateRecord]]) -> BatchCommit:
         retries = 0
@@ -242,7 +243,9 @@ class _RunBatch:
                 detail = f"run {self.run_id!r} is not an async run of this deployment"
                 verdicts = [Verdict(a, r, "rejected", "unknown_run", detail) for a, r in items]
                 return BatchCommit(self.run_id, verdicts, 0, False, 0, 0)
+            began = time.perf_counter()
             plan = self._plan(state, items)
+            seconds = time.perf_counter() - began
             try:
                 commit = self._commit(plan)
             except ConditionFailed:
@@ -251,7 +254,7 @@ class _RunBatch:
                     raise
                 time.sleep(random.uniform(0, 0.05 * 2 ** min(retries, 5)))
                 continue
-            commit.conflict_retries = retries
+            commit.conflict_retries, commit.aggregation_seconds = retries, seconds
             self._notify(plan, commit)
             return commit
 
@@ -271,16 +274,25 @@ class _RunBatch:
             buffer_ids=list(state.get("buffer_ids", [])),
         )
         markers = self.store.run_items(self.run_id, [marker_sk(update_ref(r)) for _, r in items])
+
+        def download(item: tuple[Arrival, UpdateRecord]) -> Weights | None:
+            record = item[1]
+            if marker_sk(update_ref(record)) in markers or record.base_version > version:
+                return None  # refused before it is needed
+            return load_update(self.store, record, model.spec)[0]
+
         seen_refs: set[str] = set()
         seen_clients: set[str] = set()
-        for arrival, record in items:
+        # Downloads run ahead in threads (memory: the window's updates); judging stays in order.
+        window = self.settings.download_threads
+        for (arrival, record), downloaded in prefetch(items, download, window):
             ref = update_ref(record)
             verdict = Verdict(arrival, record, "rejected", version=plan.version)
             try:
                 if marker_sk(ref) in markers or ref in seen_refs:
                     raise Rejected("duplicate", f"update {ref} was already processed")
                 seen_refs.add(ref)
-                self._judge(plan, aggregator, record, verdict, seen_clients)
+                self._judge(plan, aggregator, record, verdict, seen_clients, downloaded)
             except Rejected as rejected:
                 verdict.outcome, verdict.reason, verdict.detail = "rejected", rejected.reason, str(rejected)
             seen_clients.add(record.client_id)
@@ -294,6 +306,7 @@ class _RunBatch:
         record: UpdateRecord,
         verdict: Verdict,
         seen_clients: set[str],
+        downloaded: Weights | BaseException | None,
     ) -> None:
         if not plan.running:
             status = "finished" if plan.finished else plan.state.get("status")
@@ -314,10 +327,11 @@ class _RunBatch:
             raise Rejected("stale", f"update is {staleness} versions stale (max {aggregator.max_staleness})")
         verdict.staleness = staleness
         base = self._version_model(record.base_version)
-        weights = self._updates.get(record.object_key)
-        if weights is None:  # every version has the same spec: a conflict retry reuses the update
-            weights, _, _ = load_update(self.store, record, plan.model.spec)
-            self._updates[record.object_key] = weights
+        if isinstance(downloaded, BaseException):
+            raise downloaded  # Rejected (its reason), or an error that fails the batch
+        weights = (
+            downloaded if downloaded is not None else load_update(self.store, record, plan.model.spec)[0]
+        )
         update = ClientUpdate(
             record.client_id,
             weights,

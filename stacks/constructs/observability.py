@@ -197,12 +197,22 @@ class Observability(Construct):
                 self._graph("Updates applied", [search("UpdateApplied", "Sum", "applied")]),
                 self._graph(
                     "Staleness (versions)",
-                    [search("Staleness", "Average", "mean"), search("Staleness", "Maximum", "max")],
+                    [
+                        search("Staleness", "p50", "p50"),
+                        search("Staleness", "p95", "p95"),
+                        search("Staleness", "Maximum", "max"),
+                    ],
                 ),
-                self._graph("Version lag (s)", [search("VersionLagSeconds", "Maximum", "lag")]),
+                self._graph(
+                    "Stream wait: record written to batch committed (s)",
+                    [search("StreamWaitSeconds", "p50", "p50"), search("StreamWaitSeconds", "p95", "p95")],
+                ),
             )
             dashboard.add_widgets(
-                self._graph("Buffer fill (FedBuff)", [search("BufferFill", "Maximum", "buffered")]),
+                self._graph(
+                    "Records per batch, and updates buffered (FedBuff)",
+                    [search("BatchSize", "Average", "records"), search("BufferFill", "Maximum", "buffered")],
+                ),
                 self._graph("Version conflicts retried", [search("ConflictRetries", "Sum", "retries")]),
                 self._graph("Aggregation time (s)", [search("AggregationSeconds", "Maximum", "aggregation")]),
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import threading
@@ -11,11 +12,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from fedstream import faults
 from fedstream.local.logs import metric_counts
 from fedstream.registry import default_registry
 from fedstream.server import asynchronous
 from fedstream.server.asynchronous import Arrival
-from fedstream.weights import decode
+from fedstream.weights import decode, encode
 from handlers import async_update
 from tests.handlers.conftest import FakeContext, SyncWorld, stream_event
 
@@ -174,3 +176,141 @@ def test_concurrent_handlers_lose_and_double_no_update(async_world: SyncWorld) -
         version = int(item["parent"])
     assert len(lineage) == len(set(lineage)) == len(applied)
     assert set(lineage) == {f"{items[i]['client_id']}#{items[i]['base_version']}" for i in applied}
+
+
+def queue_bodies(world: SyncWorld, client: str = "site-1") -> list[dict[str, Any]]:
+    """Every message waiting on a client's queue, oldest first (each is read once)."""
+    sqs, url = world.aws.client("sqs"), world.resources.queue_urls[client]
+    bodies: list[dict[str, Any]] = []
+    while batch := sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10).get("Messages", []):
+        bodies += [json.loads(m["Body"]) for m in batch]
+    return bodies
+
+
+def fedasync_by_hand(world: SyncWorld, shifts: list[float]) -> dict[str, np.ndarray]:
+    """FedAsync (alpha 0.6, s(t) = (1 + t)^-0.5) over updates all trained from version 0, in order."""
+    model = {name: array.astype(np.float64) for name, array in world.base.items()}
+    for staleness, by in enumerate(shifts):
+        mixing = 0.6 * (1 + staleness) ** -0.5
+        model = {name: (1 - mixing) * model[name] + mixing * (world.base[name] + by) for name in model}
+    return model
+
+
+def test_a_batch_takes_its_steps_in_memory_and_publishes_its_last_version(async_world: SyncWorld) -> None:
+    # GIVEN three updates trained from version 0, delivered in one batch
+    world = async_world
+    items = [
+        update(world, client, 0, by=by) for client, by in (("site-1", 1.0), ("site-2", 2.0), ("site-3", 3.0))
+    ]
+
+    # WHEN the handler takes the batch
+    assert async_update.lambda_handler(stream_event(*items), FakeContext()) == {"batchItemFailures": []}
+
+    # THEN it took three steps, staleness counting the steps before each (0, 1, 2)
+    version, weights = current(world)
+    assert version == 3 and world.run_state()["applied"] == 3
+    for name, array in fedasync_by_hand(world, [1.0, 2.0, 3.0]).items():
+        np.testing.assert_allclose(weights[name], array, rtol=1e-5, atol=1e-6)
+    # AND published version 3 alone, whose lineage holds all three, and named them to every client
+    versions = {item["sk"]: item for item in world.store.run_items_with_prefix(world.run_id, "version#")}
+    assert sorted(versions) == ["version#0", "version#3"]
+    assert versions["version#3"]["parent"] == 0 and versions["version#3"]["steps"] == 3
+    assert versions["version#3"]["applied"] == ["site-1#0", "site-2#0", "site-3#0"]
+    for client in ("site-1", "site-2", "site-3"):
+        ready = [
+            (b["version"], b["consumed"]) for b in queue_bodies(world, client) if b["type"] == "model_ready"
+        ]
+        assert ready == [(0, []), (3, ["site-1#0", "site-2#0", "site-3#0"])]
+
+
+@pytest.mark.aggregator("fedbuff", buffer_size=2)
+def test_a_batch_names_what_it_consumed_even_without_a_new_version(async_world: SyncWorld) -> None:
+    # GIVEN one update that FedBuff (K = 2) buffers and one it refuses
+    world = async_world
+    items = [update(world, "site-1", 0), update(world, "site-3", 5)]
+
+    # WHEN the batch is handled
+    async_update.lambda_handler(stream_event(*items), FakeContext())
+
+    # THEN the version stays, and the current version is announced again naming both updates
+    state = world.run_state()
+    assert (state["version"], state["buffered"], state["rejected"]) == (0, 1, 1)
+    last = queue_bodies(world, "site-2")[-1]
+    assert (last["type"], last["version"], last["consumed"]) == ("model_ready", 0, ["site-1#0", "site-3#5"])
+
+
+def test_a_client_cannot_have_two_updates_in_flight(
+    async_world: SyncWorld, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN version 3, site-1's update released at version 3 and site-2's at version 2
+    world = async_world
+    async_update.lambda_handler(
+        stream_event(update(world, "site-2", 0), update(world, "site-3", 0)), FakeContext()
+    )
+    async_update.lambda_handler(stream_event(update(world, "site-1", 2)), FakeContext())
+    assert world.run_state()["released"] == {"site-1": 3, "site-2": 2, "site-3": 2}
+    capsys.readouterr()
+
+    # WHEN site-1 sends an update back-dated to version 1, and site-2 two updates in one batch
+    batch = [update(world, "site-1", 1), update(world, "site-2", 2), update(world, "site-2", 3)]
+    async_update.lambda_handler(stream_event(*batch), FakeContext())
+
+    # THEN the back-dated one and site-2's second are refused; site-2's first is applied
+    assert rejections(capsys) == {"in_flight": 2}
+    state = world.run_state()
+    assert (state["version"], state["applied"], state["rejected"], state["received"]) == (4, 4, 2, 6)
+
+
+@pytest.mark.parametrize("point", sorted(p for p in faults.POINTS if p.startswith("async.")))
+def test_a_crash_in_an_async_batch_is_recovered_by_the_retry(async_world: SyncWorld, point: str) -> None:
+    # GIVEN a batch of two updates whose invocation crashes at `point`
+    world = async_world
+    event = stream_event(update(world, "site-1", 0, by=1.0), update(world, "site-2", 0, by=2.0))
+    faults.arm(point)
+    try:
+        with pytest.raises(faults.InjectedFault):
+            async_update.lambda_handler(event, FakeContext())
+    finally:
+        faults.disarm()
+
+    # WHEN the stream delivers the batch again
+    assert async_update.lambda_handler(event, FakeContext()) == {"batchItemFailures": []}
+
+    # THEN both updates are in the model exactly once, as without the crash
+    version, weights = current(world)
+    for name, array in fedasync_by_hand(world, [1.0, 2.0]).items():
+        np.testing.assert_allclose(weights[name], array, rtol=1e-5, atol=1e-6)
+    state = world.run_state()
+    assert (version, state["received"], state["applied"], state["rejected"]) == (2, 2, 2, 0)
+    assert world.store.run_items(world.run_id, ["version#2"])["version#2"]["applied"] == [
+        "site-1#0",
+        "site-2#0",
+    ]
+    # AND the clients heard that both were consumed (from the retry, if the crash came before)
+    last = queue_bodies(world, "site-3")[-1]
+    assert (last["version"], last["consumed"]) == (2, ["site-1#0", "site-2#0"])
+
+
+def test_the_batch_that_reaches_max_updates_ends_the_run_and_refuses_the_rest(
+    async_world: SyncWorld, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a run that stops after two applied updates
+    world = dataclasses.replace(async_world, run_id="run-m")
+    asynchronous.start_run(world.store, world.run_id, encode(world.base), max_updates=2)
+    queue_bodies(world, "site-1")
+    capsys.readouterr()
+
+    # WHEN a batch of three updates arrives
+    items = [update(world, client, 0) for client in ("site-1", "site-2", "site-3")]
+    async_update.lambda_handler(stream_event(*items), FakeContext())
+
+    # THEN two are applied, the third refused, the run ends, and clients are told to stop (only that)
+    state = world.run_state()
+    assert (state["status"], state["finish_reason"], state["applied"], state["rejected"]) == (
+        "SUCCEEDED",
+        "max_updates",
+        2,
+        1,
+    )
+    assert rejections(capsys) == {"run_finished": 1}
+    assert [b["type"] for b in queue_bodies(world, "site-1")] == ["training_complete"]

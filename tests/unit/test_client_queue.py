@@ -1,11 +1,16 @@
-"""The client's queue loop against the embedded AWS: a backlog of versions is read to the end."""
+"""The client's queue loop against the embedded AWS: a backlog of versions is read to the end, and
+in async mode a client has one update in flight at a time."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import pytest
 
 from client.runner import FederatedClient
 from client.trainer import InstantTrainer
@@ -55,3 +60,111 @@ def test_a_client_behind_by_25_versions_trains_once_on_the_newest() -> None:
         attributes = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["All"])["Attributes"]
         assert attributes["ApproximateNumberOfMessages"] == "0"
         assert attributes["ApproximateNumberOfMessagesNotVisible"] == "0"
+
+
+@dataclass
+class QueueWorld:
+    aws: EmbeddedAWS
+    bucket: str
+    queue: str
+    updates_table: str
+
+    def publish(self, version: int, consumed: tuple[str, ...] = ()) -> None:
+        data = encode({"dense/kernel": np.full(10, version, dtype=np.float32)})
+        key = keys.global_key("run-f", version)
+        self.aws.client("s3").put_object(Bucket=self.bucket, Key=key, Body=data)
+        message = ModelReady(
+            run_id="run-f", version=version, object_key=key, sha256=sha256_hex(data), consumed=list(consumed)
+        )
+        self.aws.client("sqs").send_message(QueueUrl=self.queue, MessageBody=message.model_dump_json())
+
+    def queue_counts(self) -> tuple[int, int]:
+        attributes = self.aws.client("sqs").get_queue_attributes(QueueUrl=self.queue, AttributeNames=["All"])
+        values = attributes["Attributes"]
+        hidden = values["ApproximateNumberOfMessagesNotVisible"]
+        return int(values["ApproximateNumberOfMessages"]), int(hidden)
+
+    def reported_versions(self) -> list[int]:
+        records = self.aws.client("dynamodb").scan(TableName=self.updates_table)["Items"]
+        return sorted(int(r["base_version"]["N"]) for r in records)
+
+
+@pytest.fixture
+def queue_world() -> Iterator[QueueWorld]:
+    with EmbeddedAWS() as aws:
+        resources = create_resources(aws, "flight", ["site-1"], mode="async")
+        yield QueueWorld(aws, resources.bucket, resources.queue_urls["site-1"], resources.updates_table)
+
+
+def start_client(world: QueueWorld, **settings: Any) -> tuple[FederatedClient, threading.Thread]:
+    client_settings = ClientSettings(
+        client_id="site-1",
+        queue_url=world.queue,
+        bucket=world.bucket,
+        updates_table=world.updates_table,
+        endpoint_url=world.aws.endpoint,
+        wait_seconds=1,
+        **settings,
+    )
+    client = FederatedClient(client_settings, InstantTrainer(10), session=world.aws.session())
+    loop = threading.Thread(target=client.run, daemon=True)
+    loop.start()
+    return client, loop
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 120.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert condition()
+
+
+def finish(world: QueueWorld, loop: threading.Thread) -> None:
+    body = TrainingComplete(run_id="run-f").model_dump_json()
+    world.aws.client("sqs").send_message(QueueUrl=world.queue, MessageBody=body)
+    loop.join(timeout=60)
+    assert not loop.is_alive()
+
+
+def test_an_async_client_trains_again_only_once_its_update_is_named_consumed(queue_world: QueueWorld) -> None:
+    # GIVEN a client that trained on version 0
+    world = queue_world
+    world.publish(0)
+    client, loop = start_client(world)
+    wait_for(lambda: client.stats.trained == 1)
+
+    # WHEN versions 1 and 2 arrive without naming its update
+    world.publish(1)
+    world.publish(2)
+
+    # THEN it reads them, keeps only the newest (received, not deleted) and does not train
+    wait_for(lambda: world.queue_counts() == (0, 1))
+    assert client.stats.trained == 1 and client.in_flight is not None
+
+    # WHEN version 3 names its update as consumed
+    world.publish(3, consumed=("site-2#0", "site-1#0"))
+
+    # THEN it trains on version 3, and only on it
+    wait_for(lambda: client.stats.trained == 2)
+    finish(world, loop)
+    assert world.reported_versions() == [0, 3]
+    assert client.stats.ack_timeouts == 0
+
+
+def test_an_async_client_whose_release_never_comes_trains_again_after_the_ack_timeout(
+    queue_world: QueueWorld,
+) -> None:
+    # GIVEN a client that trained on version 0, and a server message naming it that was lost
+    world = queue_world
+    world.publish(0)
+    client, loop = start_client(world, ack_timeout_seconds=2.0)
+    wait_for(lambda: client.stats.trained == 1)
+
+    # WHEN version 1 arrives without naming its update, and nothing else comes
+    world.publish(1)
+
+    # THEN after the ack timeout it trains on version 1 anyway
+    wait_for(lambda: client.stats.trained == 2)
+    finish(world, loop)
+    assert world.reported_versions() == [0, 1]
+    assert client.stats.ack_timeouts == 1

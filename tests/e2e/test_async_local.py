@@ -1,0 +1,73 @@
+"""Async mode end to end: ten client processes, one update in flight each, against a sync run of the
+same budget on the same data (the embedded AWS, the real handlers, the NumPy trainer)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from fedstream.local.run import LocalRunConfig, RunSummary, run_local
+
+pytestmark = pytest.mark.e2e
+CLIENTS = 10
+ROUNDS = 8  # the sync run's budget: 80 client updates
+BUFFER = 3  # FedBuff's K
+MARGIN = 0.05  # how far below the sync run's final accuracy an async run may end
+
+
+def config(out: Path, **fields: object) -> LocalRunConfig:
+    return LocalRunConfig(
+        clients=CLIENTS,
+        dataset="digits",
+        partition="dirichlet:0.5",
+        trainer="numpy",
+        progress=False,
+        seed=2,
+        out=out,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture(scope="module")
+def sync_run(tmp_path_factory: pytest.TempPathFactory) -> RunSummary:
+    summary = run_local(config(tmp_path_factory.mktemp("sync"), mode="sync", rounds=ROUNDS))
+    assert summary.status == "SUCCEEDED", summary.error
+    return summary
+
+
+@pytest.mark.parametrize(
+    ("aggregator", "params", "staleness_bound"),
+    [
+        ("fedbuff", {"buffer_size": BUFFER}, math.ceil((CLIENTS - 1) / BUFFER) + 1),
+        ("fedasync", {}, CLIENTS - 1),
+    ],
+)
+def test_async_learns_as_well_as_sync_with_one_update_in_flight_per_client(
+    tmp_path: Path, sync_run: RunSummary, aggregator: str, params: dict[str, int], staleness_bound: int
+) -> None:
+    # WHEN an async run applies the sync run's budget of updates
+    summary = run_local(
+        config(tmp_path, mode="async", aggregator=aggregator, params=params, updates=CLIENTS * ROUNDS)
+    )
+
+    # THEN it ends where the sync run ends, give or take the margin
+    assert summary.status == "SUCCEEDED", summary.error
+    assert summary.accuracies[-1] >= sync_run.accuracies[-1] - MARGIN, (
+        summary.accuracies,
+        sync_run.accuracies,
+    )
+    # AND no client ever had two updates in flight, so the stream never held more than one per client
+    figures = summary.async_stats
+    assert figures["clients_with_two_in_flight"] == {}
+    assert figures["max_backlog"] <= CLIENTS
+    # AND nothing was refused as stale, and at most one update per client came after the end
+    assert "stale" not in summary.rejected
+    assert summary.rejected.get("run_finished", 0) <= CLIENTS
+    assert set(summary.rejected) <= {"run_finished"}, summary.rejected
+    # AND staleness stayed within its bound, and did not grow from the first quarter to the last
+    staleness = figures["staleness"]
+    assert staleness["max"] <= staleness_bound, staleness
+    assert staleness["max_by_quarter"][-1] <= staleness["max_by_quarter"][0], staleness
+    assert summary.counts["received"] == sum(figures["outcomes"].values())
