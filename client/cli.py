@@ -67,6 +67,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         help="async: seconds to wait for the server to consume an update before training again (300)",
     )
+    parser.add_argument("--run-id", help="take part in this run only (default: the first run it trains in)")
     parser.add_argument("--max-idle", type=float, help="exit 3 after this many seconds without a message")
     parser.add_argument("--events", action="store_true", help="print one JSON line per step on stdout")
     parser.set_defaults(func=run_client)
@@ -83,6 +84,7 @@ def client_settings(args: argparse.Namespace) -> ClientSettings:
         "endpoint_url",
         "visibility_timeout",
         "ack_timeout_seconds",
+        "run_id",
     ):
         value = getattr(args, name)
         if value is not None:

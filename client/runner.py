@@ -8,8 +8,11 @@ step before its upload, leaving the message to be redelivered) and exits.
 
 In async mode a client has one update in flight: after reporting it holds the newest "model
 ready" it hears of, without training, until a message names its update as consumed (applied,
-buffered or rejected). If that word never comes (a lost message), it trains again after
-``ack_timeout_seconds``.
+buffered or rejected). If that word never comes (a lost message), it trains on the newest version
+it holds after ``ack_timeout_seconds``.
+
+A client takes part in one run: the one its settings name, or else the first it trains in.
+Messages of other runs (left on a queue by an earlier run) are deleted unread.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ class FederatedClient:
         self.on_event = on_event or (lambda event, fields: None)
         self._spec: ModelSpec | None = None
         self.in_flight: InFlight | None = None
+        self.run_id: str | None = settings.run_id
         # The newest "model ready" heard while an update was in flight (not deleted: if this process
         # dies, the queue delivers it again).
         self._held: tuple[dict[str, Any], ModelReady] | None = None
@@ -114,16 +118,17 @@ class FederatedClient:
                 done = self._handle_batch([])  # the wait for a release timed out: train on the held version
                 if done is not None:
                     return done
+                idle_since = time.monotonic()
                 continue
             if not messages:
                 if max_idle_seconds is not None and time.monotonic() - idle_since > max_idle_seconds:
                     log.warning("no message for %.0f s; giving up", max_idle_seconds)
                     return 3
                 continue
-            idle_since = time.monotonic()
             done = self._handle_batch(messages)
             if done is not None:
                 return done
+            idle_since = time.monotonic()  # idle from the end of this step, however long it took
         return 0
 
     def _receive(self, wait_seconds: int) -> list[dict[str, Any]]:
@@ -144,9 +149,14 @@ class FederatedClient:
                 self.stats.rejected_messages += 1
                 log.error("message rejected: not a fedstream message (%d errors)", exc.error_count())
                 done_with.append(message)
+        if self.run_id is not None:  # another run's message (left over on the queue): not ours
+            done_with += [m for m, p in parsed if p.run_id != self.run_id]
+            self.stats.skipped += sum(p.run_id != self.run_id for _, p in parsed)
+            parsed = [(m, p) for m, p in parsed if p.run_id == self.run_id]
         complete = [(m, p) for m, p in parsed if isinstance(p, TrainingComplete)]
         if complete:
-            self._delete_all(done_with + [message for message, _ in parsed])
+            held = [self._held[0]] if self._held is not None else []
+            self._delete_all(done_with + held + [message for message, _ in parsed])
             _, body = complete[0]
             self.on_event("complete", {"reason": body.reason, "final_version": body.final_version})
             log.info("training complete (%s)", body.reason)
@@ -202,6 +212,7 @@ class FederatedClient:
 
     # ---- one step ---------------------------------------------------------------------------
     def _train_and_report(self, message: dict[str, Any], body: ModelReady) -> None:
+        self.run_id = body.run_id
         global_weights = self._download_global(body)
         if global_weights is None:
             self._delete(message)

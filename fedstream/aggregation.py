@@ -95,8 +95,8 @@ class Aggregator:
     modes: ClassVar[frozenset[str]] = frozenset({"sync"})
     # Updates staler than this are rejected by the host before ``apply_async`` (None: no bound).
     max_staleness: int | None = None
-    # async: the fewest clients it can make progress with, each having one update in flight
-    # (FedBuff steps once K updates are buffered, so it needs K clients).
+    # async: the fewest clients that keep a run going when each has one update in flight and one
+    # update is refused (FedBuff steps once K updates are buffered: K + 1; FedAsync: 2).
     min_clients: int = 1
 
     def client_settings(self, carry: Mapping[str, Scalar] | None = None) -> dict[str, Scalar]:

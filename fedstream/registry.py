@@ -51,10 +51,13 @@ class FactoryContext:
 
     rng: np.random.Generator
     registry: AggregatorRegistry
+    # How many clients the deployment has (None: not known, e.g. the offline CLI); defaults that
+    # should scale with the federation read it (FedBuff's K).
+    num_clients: int | None = None
 
     def create(self, name: str, params: Mapping[str, Any] | None = None) -> Aggregator:
         """Build another registered aggregator (for wrappers such as dp-noise), sharing the rng."""
-        return self.registry.create(name, params, rng=self.rng)
+        return self.registry.create(name, params, rng=self.rng, num_clients=self.num_clients)
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,7 @@ class AggregatorRegistry:
         rng: np.random.Generator | None = None,
         seed: int | None = None,
         mode: str | None = None,
+        num_clients: int | None = None,
     ) -> Aggregator:
         info = self.info(name)
         if mode is not None and mode not in info.modes:
@@ -142,7 +146,11 @@ class AggregatorRegistry:
                 f"aggregator {name!r} runs in {'/'.join(sorted(info.modes))} mode, not {mode!r}"
             )
         validated = self.validate_params(name, params)
-        context = FactoryContext(rng=rng if rng is not None else np.random.default_rng(seed), registry=self)
+        context = FactoryContext(
+            rng=rng if rng is not None else np.random.default_rng(seed),
+            registry=self,
+            num_clients=num_clients,
+        )
         return info.factory(validated, context)
 
 

@@ -91,3 +91,5 @@ class ClientSettings(BaseModel):
     visibility_timeout: int = Field(300, ge=5, le=43200)
     # async: train again this long after reporting if no message named the update as consumed
     ack_timeout_seconds: float = Field(300.0, gt=0)
+    # the run to take part in (None: the first run it trains in); other runs' messages are dropped
+    run_id: str | None = None

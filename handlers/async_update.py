@@ -60,6 +60,8 @@ def log_verdict(verdict: Verdict) -> None:
 
 
 def log_commit(commit: BatchCommit) -> None:
+    if not commit.committed:
+        return
     applied = sum(v.outcome == "applied" for v in commit.verdicts)
     metrics.add_metric(name="BatchSize", unit=MetricUnit.Count, value=len(commit.verdicts))
     metrics.add_metric(name="BufferFill", unit=MetricUnit.Count, value=commit.buffered)

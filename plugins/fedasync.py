@@ -57,6 +57,7 @@ class FedAsync(Aggregator):
     def __init__(self, params: FedAsyncParams) -> None:
         self.params = params
         self.max_staleness = params.max_staleness
+        self.min_clients = 2  # one client whose update is refused waits for another's version
 
     def mixing_weight(self, staleness: int) -> float:
         p = self.params

@@ -28,18 +28,36 @@ def staleness_weight(staleness: int) -> float:
 
 class FedBuffParams(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
-    buffer_size: int = pydantic.Field(3, ge=1, description="K: updates buffered before one server step")
+    buffer_size: int | None = pydantic.Field(
+        None,
+        ge=1,
+        description="K: updates buffered before one server step (default: half the clients, 1 to 10; "
+        "3 when the number of clients is not known)",
+    )
     server_lr: float = pydantic.Field(1.0, gt=0, description="server learning rate eta_g")
     max_staleness: int = pydantic.Field(50, ge=0, description="reject updates staler than this")
+
+
+def default_buffer_size(num_clients: int | None) -> int:
+    """Half the clients, between 1 and 10 (the paper's K = 10 for 100-1,000 concurrent clients).
+
+    Staleness is then about N / K: 2 with 10 clients, 20 with 200, within the default max_staleness.
+    """
+    if num_clients is None:
+        return 3
+    return max(1, min(10, num_clients // 2))
 
 
 class FedBuff(Aggregator):
     modes = frozenset({"async"})
 
-    def __init__(self, params: FedBuffParams) -> None:
+    def __init__(self, params: FedBuffParams, num_clients: int | None = None) -> None:
         self.params = params
+        self.buffer_size = params.buffer_size or default_buffer_size(num_clients)
         self.max_staleness = params.max_staleness
-        self.min_clients = params.buffer_size
+        # K clients fill the buffer; one more keeps it going when one update is refused (a refused
+        # client waits for a new version, and only a full buffer makes one).
+        self.min_clients = self.buffer_size + 1
 
     def apply_async(
         self,
@@ -64,7 +82,7 @@ class FedBuff(Aggregator):
                 tensor += state.arrays[name]
         count += 1
         metrics = {"staleness": float(staleness), "staleness_weight": weight}
-        if count < self.params.buffer_size:
+        if count < self.buffer_size:
             return AsyncResult(
                 weights=None,
                 state=AsyncState(arrays=buffered, values={"count": count}),
@@ -95,7 +113,7 @@ class FedBuff(Aggregator):
 def register_aggregators(register):
     register(
         "fedbuff",
-        lambda params, ctx: FedBuff(params),
+        lambda params, ctx: FedBuff(params, ctx.num_clients),
         params=FedBuffParams,
         modes=("async",),
         description="Buffer K staleness-weighted deltas, then take one server step (Nguyen et al. 2022)",

@@ -90,7 +90,14 @@ SYNC_METRICS = (
     "ModelBytes",
     "Epsilon",
 )
-ASYNC_METRICS = ("UpdateApplied", "Staleness", "VersionLagSeconds", "BufferFill", "ConflictRetries")
+ASYNC_METRICS = (
+    "UpdateApplied",
+    "Staleness",
+    "StreamWaitSeconds",
+    "BatchSize",
+    "BufferFill",
+    "ConflictRetries",
+)
 REJECTED_METRIC = "UpdatesRejected"
 REJECTED_DIMENSION = "reason"
 DASHBOARD_PERIOD_MINUTES = 5

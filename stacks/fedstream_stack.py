@@ -207,11 +207,14 @@ class DeploymentConfig(pydantic.BaseModel):
                 f"{self.mode} aggregators: {', '.join(fitting)}"
             )
         registry.validate_params(self.aggregator, self.aggregator_params)
-        needed = registry.create(self.aggregator, self.aggregator_params, mode=self.mode).min_clients
+        chosen = registry.create(
+            self.aggregator, self.aggregator_params, mode=self.mode, num_clients=len(self.clients)
+        )
+        needed = chosen.min_clients
         if needed > len(self.clients):
             raise PluginError(
-                f"aggregator {self.aggregator!r} needs at least {needed} clients to make progress (each "
-                f"client has one update in flight), and {len(self.clients)} are deployed"
+                f"aggregator {self.aggregator!r} needs at least {needed} clients (each has one update "
+                f"in flight, and one refused update must not stall the run); {len(self.clients)} deployed"
             )
 
     @classmethod
@@ -255,7 +258,13 @@ class DeploymentConfig(pydantic.BaseModel):
 
     def run_input(self, registry: AggregatorRegistry) -> dict[str, Any]:
         """The sync state machine's input without the run's own fields (run_id, model key, sha256)."""
-        aggregator = registry.create(self.aggregator, self.aggregator_params, seed=self.seed, mode=self.mode)
+        aggregator = registry.create(
+            self.aggregator,
+            self.aggregator_params,
+            seed=self.seed,
+            mode=self.mode,
+            num_clients=len(self.clients),
+        )
         return {
             "rounds": self.rounds,
             "min_clients": self.quorum,

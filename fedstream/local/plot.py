@@ -36,11 +36,19 @@ def plot_run(rows: Sequence[Any], path: Path, *, mode: str, title: str = "") -> 
         accuracy = [r.test_accuracy for r in rows]
         left.plot([r.elapsed_seconds for r in rows], accuracy, marker=".", label="global model, test set")
         left.set(xlabel="wall-clock seconds", ylabel="accuracy", title="accuracy over time")
-        right.plot([r.version for r in rows], accuracy, marker=".", label="global model, test set")
-        right.set(xlabel="global version", ylabel="accuracy", title="accuracy per version")
+        versions = [r.version for r in rows]
+        right.plot(versions, accuracy, marker=".", label="global model, test set")
+        right.set(xlabel="global version", ylabel="accuracy", title="accuracy and staleness per version")
+        staleness = right.twinx()
+        for name, style in (("staleness_p95", ":"), ("staleness_max", "--")):
+            values = [getattr(r, name, None) for r in rows]
+            staleness.plot(versions, values, ls=style, color="tab:red", lw=1, label=name.replace("_", " "))
+        staleness.set_ylabel("staleness (versions)", color="tab:red")
+        staleness.set_ylim(bottom=0)
+        staleness.legend(loc="lower right", fontsize=7)
     for ax in (left, right):
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(loc="upper left" if ax is right and mode != "sync" else "best")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -36,11 +36,13 @@ class Progress:
             title=f"fedstream local · {self.config.mode} · {self.config.aggregator} · {self.config.dataset}",
             caption=f"execution {self.status}",
         )
-        for column in ("round", "clients", "duration s", "train loss", "test accuracy", "epsilon", ""):
+        sync = self.config.mode == "sync"
+        first, count = ("round", "clients") if sync else ("version", "applied")
+        for column in (first, count, "duration s", "train loss", "test accuracy", "epsilon", ""):
             table.add_column(column, justify="right")
         for row in self.rows:
             table.add_row(
-                str(row.round),
+                str(row.round if sync else row.version),
                 str(row.clients),
                 _fmt(row.duration_seconds, 1),
                 _fmt(row.train_loss),
@@ -73,8 +75,12 @@ class Progress:
         if self._live:
             self._live.update(self._render())
         else:
+            if self.config.mode == "sync":
+                head = f"round {row.round}: {row.clients} clients"
+            else:
+                head = f"version {row.version}: {row.clients} updates applied"
             self.console.print(
-                f"round {row.round}: {row.clients} clients, test accuracy {_fmt(row.test_accuracy)}"
+                f"{head}, test accuracy {_fmt(row.test_accuracy)}"
                 + (" (closed at deadline)" if row.at_deadline else "")
             )
 

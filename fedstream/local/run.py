@@ -158,11 +158,14 @@ def run_local(config: LocalRunConfig) -> RunSummary:
 
     registry = default_registry()
     # Fail fast, before anything starts.
-    chosen = registry.create(config.aggregator, config.params, seed=config.seed, mode=config.mode)
+    chosen = registry.create(
+        config.aggregator, config.params, seed=config.seed, mode=config.mode, num_clients=config.clients
+    )
     if chosen.min_clients > config.clients:
         raise CliError(
             f"{config.aggregator} needs at least {chosen.min_clients} clients to make progress "
-            f"(each client has one update in flight), got {config.clients}"
+            f"(each has one update in flight, and one refused update must not stall the run), "
+            f"got {config.clients}"
         )
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
@@ -214,7 +217,9 @@ def run_local(config: LocalRunConfig) -> RunSummary:
         client_faults.hang_now()
         client_faults.start()
         plan.arm_handler_points()
-        aggregator = registry.create(config.aggregator, config.params, seed=config.seed)
+        aggregator = registry.create(
+            config.aggregator, config.params, seed=config.seed, num_clients=config.clients
+        )
         progress = Progress(console_stream, config, client_ids, enabled=config.progress)
         started, started_at = time.monotonic(), time.time()
         status, counts = "FAILED", {}
@@ -251,6 +256,8 @@ def run_local(config: LocalRunConfig) -> RunSummary:
             store = Store(settings, aws.session())
             state = store.run_state(run_id) or {}
             counts = {name: int(state.get(name, 0)) for name in counts}
+            # Every published version, evaluated once the clients are gone (live, only some were).
+            rows = _every_version(store, run_id, evaluator, started_at) or rows
             async_summary = _async_figures(store, run_id, rows)
         wall = time.monotonic() - started
         final_version = rows[-1].version if rows else 0
@@ -565,6 +572,36 @@ def _round_row(
         elapsed_seconds=committed_at - started_at,
         committed_at=committed_at,
     )
+
+
+def _every_version(store: Store, run_id: str, evaluator: _Evaluator, started_at: float) -> list[RoundRow]:
+    """A row per published async version, at its commit time: the same clock as sync rounds."""
+    items = store.run_items_with_prefix(run_id, "version#")
+    versions = sorted((int(i["sk"].split("#")[1]), i) for i in items if "committed_at" in i)
+    rows, applied = [], 0
+    for number, item in versions:
+        applied += len(item.get("applied", []))
+        weights, _ = decode(store.get_bytes(str(item["key"])))
+        test = evaluator.evaluate(weights)
+        reported = json.loads(item.get("metrics") or "{}")
+        committed_at = float(item["committed_at"])
+        rows.append(
+            RoundRow(
+                round=len(rows) + 1,
+                version=number,
+                duration_seconds=None,
+                clients=applied,
+                at_deadline=False,
+                train_loss=reported.get("train_loss"),
+                eval_accuracy_clients=reported.get("eval_accuracy"),
+                test_loss=test.get("eval_loss"),
+                test_accuracy=test.get("eval_accuracy"),
+                epsilon=reported.get("epsilon"),
+                elapsed_seconds=committed_at - started_at,
+                committed_at=committed_at,
+            )
+        )
+    return rows
 
 
 def _async_figures(store: Store, run_id: str, rows: list[RoundRow]) -> dict[str, Any]:

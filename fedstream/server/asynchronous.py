@@ -4,11 +4,12 @@ One run, one batch of update records (a Lambda invocation of the stream function
 
 1. Read the run state (``sk='state'``: version, global key, FedBuff's buffer, the version that
    released each client, counters) and the batch's markers (``sk='update#{client}#{base}'``) once.
-2. Judge each record in stream order, cheap checks before any download: duplicate (a marker
-   exists, or the same update came earlier in this batch), run finished, future base version,
-   ``in_flight`` (the client already has an update in this batch, or trained on a version older
-   than the one that released its previous update), stale, unknown base version; then download,
-   verify and decode it and hand it to the aggregator with the weights it was trained from.
+2. Judge each record in stream order: duplicate (a marker exists, or the same update came earlier
+   in this batch), run finished, future base version, ``in_flight`` (the client already has an
+   update in this batch, or trained on a version older than the one that released its previous
+   update), stale, unknown base version; then verify and decode its download and hand it to the
+   aggregator with the weights it was trained from. Downloads run ahead in threads, for records
+   that the state and markers alone do not refuse (a run that is over downloads nothing).
    FedAsync mixes it in (one server step); FedBuff adds it to the buffer and steps every K.
    Staleness counts these in-memory steps: the version number is the number of server steps.
 3. Write the batch's last version (when it took a step) under a fresh key and the buffer (when it
@@ -19,9 +20,9 @@ One run, one batch of update records (a Lambda invocation of the stream function
    it, and each would cost an S3 write and a notification to every client.
 4. Publish one "model ready" that names every update the batch consumed (applied, buffered,
    rejected, or a duplicate of one consumed before). A client trains again only once its update
-   is named, so it has one update in flight at a time and staleness stays bounded. A crash after
-   the commit loses only that message: the redelivered batch finds every marker, changes nothing,
-   and publishes it again.
+   is named, so it has one update in flight at a time and staleness stays bounded. The batch that
+   ends the run publishes "training complete" instead. A crash after the commit loses only that
+   message: the redelivered batch finds every marker, changes nothing, and publishes it again.
 
 A commit that loses a race (another invocation moved the run first) recomputes the batch from the
 fresh state. Downloads run ahead in ``download_threads`` threads while records are judged in
@@ -95,8 +96,8 @@ class Verdict:
 
     @property
     def counted(self) -> bool:
-        """A marker is written for it and the run's counters include it (not for duplicates)."""
-        return self.record is not None and self.reason != "duplicate"
+        """Its run's counters include it and a marker is written (not for duplicates or unknown runs)."""
+        return self.record is not None and self.reason not in ("duplicate", "unknown_run")
 
 
 @dataclass
@@ -113,6 +114,9 @@ class BatchCommit:
     conflict_retries: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     aggregation_seconds: float = 0.0  # judging, downloading and applying the records (the last try)
+    committed: bool = True  # False: nothing to write (an unknown run, or only duplicates)
+    global_key: str = ""  # the run's global model after the commit, and its sha256
+    global_sha256: str = ""
 
 
 @dataclass
@@ -177,8 +181,9 @@ def handle_async_batch(
 ) -> BatchResult:
     """Judge, apply and commit a batch of update records; one verdict per record, in order.
 
-    Rejections are verdicts, never exceptions; an exception means the batch must be retried
-    (nothing of it was committed, or all of it was and the retry finds the markers).
+    Rejections are verdicts, never exceptions. An exception means the batch must be retried: each
+    run's records (98 at most a transaction) are committed whole or not at all, and a retry finds
+    the markers of what was committed and changes nothing there.
     """
     verdicts: list[Verdict | None] = [None] * len(arrivals)
     by_run: dict[str, list[tuple[int, UpdateRecord]]] = {}
@@ -209,7 +214,7 @@ class _Plan:
     """A run as a batch leaves it in memory, before the commit."""
 
     state: dict[str, Any]
-    model: GlobalModel
+    model: GlobalModel | None  # None when the run is over
     version: int
     weights: Weights
     buffer: AsyncState | None
@@ -242,7 +247,7 @@ class _RunBatch:
             if state is None or state.get("mode") != "async":
                 detail = f"run {self.run_id!r} is not an async run of this deployment"
                 verdicts = [Verdict(a, r, "rejected", "unknown_run", detail) for a, r in items]
-                return BatchCommit(self.run_id, verdicts, 0, False, 0, 0)
+                return BatchCommit(self.run_id, verdicts, 0, False, 0, 0, committed=False)
             began = time.perf_counter()
             plan = self._plan(state, items)
             seconds = time.perf_counter() - began
@@ -261,24 +266,41 @@ class _RunBatch:
     # ---- judging, in memory -------------------------------------------------------------------
     def _plan(self, state: dict[str, Any], items: list[tuple[Arrival, UpdateRecord]]) -> _Plan:
         aggregator = self.registry.create(
-            self.settings.aggregator, self.settings.aggregator_params, seed=self.settings.seed, mode="async"
+            self.settings.aggregator,
+            self.settings.aggregator_params,
+            seed=self.settings.seed,
+            mode="async",
+            num_clients=len(self.settings.client_ids) or None,
         )
         version = int(state["version"])
-        model = self.store.global_model(self.run_id, version, str(state["global_key"]))
+        running = state.get("status") == "RUNNING"
+        # A run that is over loads nothing: its records are refused from the state alone.
+        model = self.store.global_model(self.run_id, version, str(state["global_key"])) if running else None
         plan = _Plan(
             state=state,
             model=model,
             version=version,
-            weights=model.weights,
-            buffer=self._load_buffer(state),
+            weights=model.weights if model is not None else {},
+            buffer=self._load_buffer(state) if running else None,
             buffer_ids=list(state.get("buffer_ids", [])),
         )
         markers = self.store.run_items(self.run_id, [marker_sk(update_ref(r)) for _, r in items])
+        released = state.get("released", {})
+        # What can be refused without it is not downloaded: a duplicate, a future or back-dated base,
+        # a client's second record in the batch (a client flooding the stream costs no downloads).
+        wanted: dict[str, str] = {}
+        for _, record in items:
+            if (
+                running
+                and marker_sk(update_ref(record)) not in markers
+                and released.get(record.client_id, 0) <= record.base_version <= version
+            ):
+                wanted.setdefault(record.client_id, update_ref(record))
 
         def download(item: tuple[Arrival, UpdateRecord]) -> Weights | None:
             record = item[1]
-            if marker_sk(update_ref(record)) in markers or record.base_version > version:
-                return None  # refused before it is needed
+            if model is None or wanted.get(record.client_id) != update_ref(record):
+                return None
             return load_update(self.store, record, model.spec)[0]
 
         seen_refs: set[str] = set()
@@ -295,7 +317,8 @@ class _RunBatch:
                 self._judge(plan, aggregator, record, verdict, seen_clients, downloaded)
             except Rejected as rejected:
                 verdict.outcome, verdict.reason, verdict.detail = "rejected", rejected.reason, str(rejected)
-            seen_clients.add(record.client_id)
+            if verdict.reason != "duplicate":
+                seen_clients.add(record.client_id)
             plan.verdicts.append(verdict)
         return plan
 
@@ -329,9 +352,10 @@ class _RunBatch:
         base = self._version_model(record.base_version)
         if isinstance(downloaded, BaseException):
             raise downloaded  # Rejected (its reason), or an error that fails the batch
-        weights = (
-            downloaded if downloaded is not None else load_update(self.store, record, plan.model.spec)[0]
-        )
+        if downloaded is None:
+            assert plan.model is not None  # a running run's model is loaded
+            downloaded = load_update(self.store, record, plan.model.spec)[0]
+        weights = downloaded
         update = ClientUpdate(
             record.client_id,
             weights,
@@ -414,11 +438,13 @@ class _RunBatch:
             buffered=len(plan.buffer_ids),
             finished=plan.finished,
             metrics=plan.step_metrics,
+            global_key=str(state["global_key"]),
+            global_sha256=str(state["global_sha256"]),
         )
         if not counted:
-            return commit  # only duplicates (or nothing): the markers already say it all
+            commit.committed = False  # only duplicates: their markers already say it all
+            return commit
         nonce = uuid.uuid4().hex[:10]
-        now = time.time()
         released = {**state.get("released", {}), **{v.record.client_id: plan.version for v in counted}}
         sets: dict[str, Any] = {
             "buffer_seq": int(state.get("buffer_seq", 0)) + 1,
@@ -456,7 +482,7 @@ class _RunBatch:
                 "version": plan.version,
                 "global_key": key,
                 "global_sha256": digest,
-                "version_at": str(now),
+                "version_at": str(time.time()),
                 "last_metrics": json.dumps({**plan.step_metrics, **plan.reported}),
             }
             items.append(
@@ -470,7 +496,8 @@ class _RunBatch:
                             "parent": int(state["version"]),
                             "applied": plan.lineage,
                             "steps": plan.steps,
-                            "committed_at": now,
+                            "committed_at": time.time(),
+                            "metrics": sets["last_metrics"],
                         },
                         "ConditionExpression": "attribute_not_exists(run_id)",
                     }
@@ -505,6 +532,7 @@ class _RunBatch:
                 }
             }
         )
+        now = time.time()  # the markers' consumed_at: the S3 writes are done, the commit is next
         for verdict in counted:
             verdict.stream_wait = (
                 None if verdict.arrival.written_at is None else now - verdict.arrival.written_at
@@ -524,6 +552,7 @@ class _RunBatch:
             self.store.remember_global_model(
                 run_id, plan.version, sets["global_key"], data, sets["global_sha256"]
             )
+            commit.global_key, commit.global_sha256 = sets["global_key"], sets["global_sha256"]
         return commit
 
     def _marker(self, verdict: Verdict, released_at: int, now: float) -> dict[str, Any]:
@@ -548,29 +577,27 @@ class _RunBatch:
     def _notify(self, plan: _Plan, commit: BatchCommit) -> None:
         """One "model ready" naming every update the batch consumed, or "training complete" at the end.
 
-        Once the run is over only "training complete" goes out (again after every later batch, for a
-        client that missed it): a client told its update was consumed would train once more for nothing.
+        Once the run is over a client told its update was consumed would train once more for
+        nothing, so the batch that ends it sends "training complete" instead; so does that batch
+        redelivered (after a crash before this message). Later batches of the run send nothing.
         """
         faults.point("async.before_notify")
         state = plan.state
-        if commit.finished or state.get("status") != "RUNNING":
+        over = state.get("status") != "RUNNING"
+        if commit.finished or (over and not commit.committed and plan.verdicts):
             self.store.publish(
                 TrainingComplete(run_id=self.run_id, reason="done", final_version=commit.version).model_dump()
             )
             return
         consumed = [v.ref for v in commit.verdicts if v.ref is not None]
-        if not consumed:
+        if over or not consumed:
             return
-        key, digest = str(state["global_key"]), str(state["global_sha256"])
-        if commit.published:
-            model = self.store.global_model(self.run_id, commit.version)  # cached by the commit
-            key, digest = model.key, model.sha256
         self.store.publish(
             ModelReady(
                 run_id=self.run_id,
                 version=commit.version,
-                object_key=key,
-                sha256=digest,
+                object_key=commit.global_key,
+                sha256=commit.global_sha256,
                 client_settings=json.loads(state.get("client_settings") or "{}"),
                 consumed=consumed,
             ).model_dump(exclude_none=True)

@@ -34,6 +34,14 @@ class MissingObject(Exception):
     pass
 
 
+class UnreadableObject(Exception):
+    """The object exists but this function may never read it (archived, or under a foreign KMS key)."""
+
+
+# S3 answers that no retry changes, for an object its writer controls (storage class, encryption).
+_UNREADABLE = ("InvalidObjectState", "AccessDenied", "KMS.DisabledException", "KMS.KMSInvalidStateException")
+
+
 def is_code(exc: BaseException, *codes: str) -> bool:
     return isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in codes
 
@@ -97,6 +105,9 @@ class Store:
             if is_code(exc, "NoSuchKey", "NoSuchVersion", "404", "NotFound"):
                 what = f"version {version_id} of " if version_id else ""
                 raise MissingObject(f"{what}s3://{self.settings.bucket}/{key} does not exist") from exc
+            if is_code(exc, *_UNREADABLE):
+                code = exc.response["Error"]["Code"]  # type: ignore[attr-defined]
+                raise UnreadableObject(f"s3://{self.settings.bucket}/{key} cannot be read ({code})") from exc
             raise
         if response.get("ContentLength", 0) > limit:
             response["Body"].close()
@@ -245,8 +256,13 @@ class Store:
         try:
             self.dynamodb.meta.client.transact_write_items(TransactItems=request)
         except ClientError as exc:
-            if is_code(exc, "TransactionCanceledException"):
-                raise ConditionFailed("transaction cancelled") from exc
+            reasons = {r.get("Code") for r in exc.response.get("CancellationReasons", [])} - {"None", None}
+            # Only a condition that did not hold, or a concurrent transaction, is worth recomputing.
+            if is_code(exc, "TransactionCanceledException") and reasons <= {
+                "ConditionalCheckFailed",
+                "TransactionConflict",
+            }:
+                raise ConditionFailed(f"transaction cancelled ({', '.join(sorted(reasons))})") from exc
             raise
 
     # ---- callbacks and notifications --------------------------------------------------------
@@ -276,7 +292,7 @@ class Store:
 def to_dynamo(values: Mapping[str, Any]) -> dict[str, Any]:
     def convert(value: Any) -> Any:
         if isinstance(value, float):
-            return Decimal(repr(value))
+            return Decimal(repr(float(value)))  # numpy 2's repr of np.float64 is "np.float64(...)"
         if isinstance(value, dict):
             return {k: convert(v) for k, v in value.items()}
         if isinstance(value, list):

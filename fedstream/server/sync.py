@@ -25,7 +25,7 @@ from fedstream import faults, keys
 from fedstream.aggregation import AggregationError, ClientUpdate, PrivacyBudgetExhausted, RoundContext
 from fedstream.registry import AggregatorRegistry
 from fedstream.schemas import UpdateRecord
-from fedstream.server.store import ConditionFailed, MissingObject, Store
+from fedstream.server.store import ConditionFailed, MissingObject, Store, UnreadableObject
 from fedstream.settings import HandlerSettings
 from fedstream.weights import ModelSpec, WireFormatError, decode, encode, sha256_hex
 
@@ -149,6 +149,8 @@ def load_update(store: Store, ref: ObjectRef, spec: ModelSpec) -> tuple[Any, int
         )
     except MissingObject as exc:
         raise Rejected("missing_object", str(exc)) from None
+    except UnreadableObject as exc:
+        raise Rejected("unreadable_object", str(exc)) from None
     except WireFormatError as exc:
         raise Rejected(exc.reason, str(exc)) from None
     return weights, len(data), version_id

@@ -134,12 +134,12 @@ def test_memory_grows_with_the_model():
 
 def test_the_handler_environment_round_trips_through_handler_settings():
     chosen = config(
-        mode="async", aggregator="fedbuff", aggregator_params='{"buffer_size": 3}', max_updates="50"
+        mode="async", aggregator="fedbuff", aggregator_params='{"buffer_size": 1}', max_updates="50"
     )
     env = chosen.handler_settings(bucket="b", run_table="r", updates_table="u", topic_arn="arn:t").to_env()
     settings = HandlerSettings.from_env(env)
     assert settings.mode == "async" and settings.aggregator == "fedbuff"
-    assert settings.aggregator_params == {"buffer_size": 3}
+    assert settings.aggregator_params == {"buffer_size": 1}
     assert settings.client_ids == ("site-a", "site-b") and settings.max_updates == 50
 
 
@@ -162,3 +162,9 @@ def test_cdk_synth_with_a_bad_context_exits_with_one_clear_line(tmp_path):
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("fedstream: invalid deploy context: mode: must be sync or async")
     assert "Traceback" not in result.stderr
+
+
+def test_a_buffer_that_too_few_clients_would_fill_fails_the_synth():
+    # FedBuff steps every K updates and each client has one in flight: K = 3 needs 4 clients
+    message = error_of(mode="async", aggregator="fedbuff", aggregator_params='{"buffer_size": 3}')
+    assert "needs at least 4 clients" in message and "2 deployed" in message

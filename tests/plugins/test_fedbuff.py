@@ -106,5 +106,13 @@ def test_stale_updates_and_mismatched_state_are_refused(registry):
 
 def test_defaults(registry):
     info = {p["name"]: p["default"] for p in registry.info("fedbuff").parameters()}
-    assert info == {"buffer_size": 3, "server_lr": 1.0, "max_staleness": 50}
+    assert info == {"buffer_size": None, "server_lr": 1.0, "max_staleness": 50}
     assert registry.info("fedbuff").modes == frozenset({"async"})
+
+
+@pytest.mark.parametrize(("clients", "buffer_size"), [(None, 3), (2, 1), (4, 2), (10, 5), (200, 10)])
+def test_the_default_buffer_is_half_the_clients_between_1_and_10(registry, clients, buffer_size):
+    aggregator = registry.create("fedbuff", num_clients=clients)
+    # and it needs one client more than its buffer: one refused update must not stall the run
+    assert (aggregator.buffer_size, aggregator.min_clients) == (buffer_size, buffer_size + 1)
+    assert registry.create("fedbuff", {"buffer_size": 7}, num_clients=clients).buffer_size == 7
