@@ -314,3 +314,25 @@ def test_the_batch_that_reaches_max_updates_ends_the_run_and_refuses_the_rest(
     )
     assert rejections(capsys) == {"run_finished": 1}
     assert [b["type"] for b in queue_bodies(world, "site-1")] == ["training_complete"]
+
+
+def test_a_batch_larger_than_one_transaction_is_committed_in_several(async_world: SyncWorld) -> None:
+    # GIVEN 110 updates from 110 clients in one batch: more records than one transaction holds
+    world = async_world
+    clients = [f"site-{n}" for n in range(110)]
+    settings = world.settings.model_copy(update={"client_ids": tuple(clients)})
+    items = [update(world, client, 0, by=0.01) for client in clients]
+
+    # WHEN the handler takes them
+    result = asynchronous.handle_async_batch(
+        world.store, settings, default_registry(), [Arrival(item) for item in items]
+    )
+
+    # THEN they go in two transactions (98 + 12) and every one is applied once
+    assert [len(commit.verdicts) for commit in result.commits] == [asynchronous.MAX_RECORDS_PER_COMMIT, 12]
+    assert [v.outcome for v in result.verdicts] == ["applied"] * 110
+    state = world.run_state()
+    assert (state["version"], state["received"], state["applied"]) == (110, 110, 110)
+    versions = world.store.run_items_with_prefix(world.run_id, "version#")
+    lineage = [ref for item in versions for ref in item.get("applied", [])]
+    assert sorted(lineage) == sorted(f"{client}#0" for client in clients)
