@@ -241,30 +241,50 @@ class _RunBatch:
         self.registry = registry
 
     def process(self, items: list[tuple[Arrival, UpdateRecord]]) -> BatchCommit:
+        """Judge and commit; on a lost race, read everything again and recompute.
+
+        The first try trusts the state this process committed last (a warm function usually is
+        the run's only writer) and assumes no marker exists: the transaction's conditions check
+        both, so a stale guess costs one retry, never a wrong commit.
+        """
         retries = 0
+        state, markers = self.store.cached_run_state(self.run_id), {}
         while True:
-            state = self.store.run_state(self.run_id)
+            if state is None:
+                found = self.store.run_items(
+                    self.run_id, [STATE_KEY, *(marker_sk(update_ref(r)) for _, r in items)]
+                )
+                state = found.pop(STATE_KEY, None)
+                markers = found
             if state is None or state.get("mode") != "async":
                 detail = f"run {self.run_id!r} is not an async run of this deployment"
                 verdicts = [Verdict(a, r, "rejected", "unknown_run", detail) for a, r in items]
                 return BatchCommit(self.run_id, verdicts, 0, False, 0, 0, committed=False)
             began = time.perf_counter()
-            plan = self._plan(state, items)
+            plan = self._plan(state, items, markers)
             seconds = time.perf_counter() - began
             try:
                 commit = self._commit(plan)
             except ConditionFailed:
+                self.store.forget_run_state(self.run_id)
+                state = None
                 retries += 1
                 if retries > MAX_CONFLICT_RETRIES:
                     raise
-                time.sleep(random.uniform(0, 0.05 * 2 ** min(retries, 5)))
+                if retries > 1:  # the first retry only corrects this process's guess
+                    time.sleep(random.uniform(0, 0.05 * 2 ** min(retries, 5)))
                 continue
             commit.conflict_retries, commit.aggregation_seconds = retries, seconds
             self._notify(plan, commit)
             return commit
 
     # ---- judging, in memory -------------------------------------------------------------------
-    def _plan(self, state: dict[str, Any], items: list[tuple[Arrival, UpdateRecord]]) -> _Plan:
+    def _plan(
+        self,
+        state: dict[str, Any],
+        items: list[tuple[Arrival, UpdateRecord]],
+        markers: Mapping[str, Any],
+    ) -> _Plan:
         aggregator = self.registry.create(
             self.settings.aggregator,
             self.settings.aggregator_params,
@@ -284,7 +304,6 @@ class _RunBatch:
             buffer=self._load_buffer(state) if running else None,
             buffer_ids=list(state.get("buffer_ids", [])),
         )
-        markers = self.store.run_items(self.run_id, [marker_sk(update_ref(r)) for _, r in items])
         released = state.get("released", {})
         # What can be refused without it is not downloaded: a duplicate, a future or back-dated base,
         # a client's second record in the batch (a client flooding the stream costs no downloads).
@@ -547,6 +566,11 @@ class _RunBatch:
             )
         faults.point("async.before_commit")
         self.store.transact(items)
+        # The state as stored now (the counters too): the next batch here starts from it.
+        counters = {"received": len(counted), "applied": plan.applied, "rejected": rejected}
+        self.store.remember_run_state(
+            run_id, {**state, **sets, **{name: int(state.get(name, 0)) + n for name, n in counters.items()}}
+        )
         if plan.steps:
             # The next batch mixes into it; it was just encoded (and so checked) here.
             self.store.remember_global_model(

@@ -85,6 +85,7 @@ class Store:
         self.updates = self.dynamodb.Table(settings.updates_table)
         self._models: OrderedDict[tuple[str, int], GlobalModel] = OrderedDict()
         self._blobs: OrderedDict[str, bytes] = OrderedDict()
+        self._run_states: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
 
     # ---- S3 -------------------------------------------------------------------------------
@@ -140,6 +141,20 @@ class Store:
     def cached_blob(self, key: str) -> bytes | None:
         with self._lock:
             return self._blobs.get(key)
+
+    def remember_run_state(self, run_id: str, state: Mapping[str, Any]) -> None:
+        """The run state this process just committed: a guess for its next batch, checked by its commit."""
+        with self._lock:
+            self._run_states[run_id] = dict(state)
+
+    def cached_run_state(self, run_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            state = self._run_states.get(run_id)
+            return None if state is None else dict(state)
+
+    def forget_run_state(self, run_id: str) -> None:
+        with self._lock:
+            self._run_states.pop(run_id, None)
 
     def cached_global_model(self, run_id: str, version: int) -> GlobalModel | None:
         with self._lock:
