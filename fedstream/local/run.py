@@ -355,22 +355,8 @@ def _run_async(
             weights, _ = decode(store.get_bytes(str(state["global_key"])))
             test = evaluator.evaluate(weights)
             reported = json.loads(state.get("last_metrics") or "{}")
-            rows.append(
-                RoundRow(
-                    round=len(rows) + 1,
-                    version=seen,
-                    duration_seconds=None,
-                    clients=int(state.get("applied", 0)),
-                    at_deadline=False,
-                    train_loss=reported.get("train_loss"),
-                    eval_accuracy_clients=reported.get("eval_accuracy"),
-                    test_loss=test.get("eval_loss"),
-                    test_accuracy=test.get("eval_accuracy"),
-                    epsilon=reported.get("epsilon"),
-                    elapsed_seconds=committed_at - started_at,
-                    committed_at=committed_at,
-                )
-            )
+            applied = int(state.get("applied", 0))
+            rows.append(_version_row(len(rows) + 1, seen, applied, reported, test, committed_at, started_at))
             progress.round_closed(rows[-1])
             continue
         progress.update(None, str(state.get("status")))
@@ -585,23 +571,34 @@ def _every_version(store: Store, run_id: str, evaluator: _Evaluator, started_at:
         test = evaluator.evaluate(weights)
         reported = json.loads(item.get("metrics") or "{}")
         committed_at = float(item["committed_at"])
-        rows.append(
-            RoundRow(
-                round=len(rows) + 1,
-                version=number,
-                duration_seconds=None,
-                clients=applied,
-                at_deadline=False,
-                train_loss=reported.get("train_loss"),
-                eval_accuracy_clients=reported.get("eval_accuracy"),
-                test_loss=test.get("eval_loss"),
-                test_accuracy=test.get("eval_accuracy"),
-                epsilon=reported.get("epsilon"),
-                elapsed_seconds=committed_at - started_at,
-                committed_at=committed_at,
-            )
-        )
+        rows.append(_version_row(len(rows) + 1, number, applied, reported, test, committed_at, started_at))
     return rows
+
+
+def _version_row(
+    row: int,
+    version: int,
+    applied: int,
+    reported: dict[str, Any],
+    test: dict[str, float],
+    committed_at: float,
+    started_at: float,
+) -> RoundRow:
+    """An async version's row: ``applied`` updates in it, the clients' last reported metrics."""
+    return RoundRow(
+        round=row,
+        version=version,
+        duration_seconds=None,
+        clients=applied,
+        at_deadline=False,
+        train_loss=reported.get("train_loss"),
+        eval_accuracy_clients=reported.get("eval_accuracy"),
+        test_loss=test.get("eval_loss"),
+        test_accuracy=test.get("eval_accuracy"),
+        epsilon=reported.get("epsilon"),
+        elapsed_seconds=committed_at - started_at,
+        committed_at=committed_at,
+    )
 
 
 def _async_figures(store: Store, run_id: str, rows: list[RoundRow]) -> dict[str, Any]:
