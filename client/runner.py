@@ -56,6 +56,7 @@ class ClientStats:
     rejected_messages: int = 0
     last_version: int = -1
     ack_timeouts: int = 0
+    failed_steps: int = 0  # training produced weights or metrics that could not be sent
 
 
 @dataclass(frozen=True)
@@ -221,15 +222,22 @@ class FederatedClient:
         result = self._train_with_heartbeat(message, global_weights, body)
         if self.stop.is_set():
             raise Stopped
-        data = encode(
-            result.weights,
-            {
-                "run_id": body.run_id,
-                "client_id": self.settings.client_id,
-                "base_version": str(body.version),
-                "creator": "fedstream.client",
-            },
-        )
+        try:
+            data = encode(
+                result.weights,
+                {
+                    "run_id": body.run_id,
+                    "client_id": self.settings.client_id,
+                    "base_version": str(body.version),
+                    "creator": "fedstream.client",
+                },
+            )
+            metrics = TrainingMetrics(**result.metrics)
+        except (WireFormatError, pydantic.ValidationError) as exc:
+            # A global model that training cannot handle (it diverged to NaN or Inf): skip this
+            # version and wait for the next, never crash-loop on a redelivered message.
+            self._failed_step(message, body, exc)
+            return
         key = keys.update_key(body.run_id, self.settings.client_id, body.version, uuid.uuid4().hex[:12])
         # The tag lets the bucket lifecycle expire old updates (S3 lifecycle cannot match runs/*/updates/).
         self.s3.put_object(Bucket=self.settings.bucket, Key=key, Body=data, Tagging=UPDATE_TAG)
@@ -241,7 +249,7 @@ class FederatedClient:
             object_key=key,
             sha256=sha256_hex(data),
             num_examples=result.num_examples,
-            metrics=TrainingMetrics(**result.metrics),
+            metrics=metrics,
             task_token=body.task_token,
         )
         self._put_record(record)
@@ -252,6 +260,14 @@ class FederatedClient:
             ref = f"{self.settings.client_id}#{body.version}"
             self.in_flight = InFlight(body.run_id, ref, time.monotonic())
         self.on_event("reported", {"version": body.version, "round": body.round, **result.metrics})
+
+    def _failed_step(self, message: dict[str, Any], body: ModelReady, exc: Exception) -> None:
+        reason = exc.reason if isinstance(exc, WireFormatError) else "invalid_metrics"
+        log.error("training on version %s failed (%s): %s; version skipped", body.version, reason, exc)
+        self.stats.failed_steps += 1
+        self.stats.last_version = body.version
+        self._delete(message)
+        self.on_event("failed_step", {"version": body.version, "round": body.round, "reason": reason})
 
     def _download_global(self, body: ModelReady) -> Weights | None:
         try:

@@ -13,7 +13,7 @@ import re
 
 _UPDATE_KEY = re.compile(
     r"^runs/(?P<run>[A-Za-z0-9][A-Za-z0-9._-]{0,63})/updates/(?P<client>[A-Za-z0-9][A-Za-z0-9._-]{0,63})/"
-    r"[A-Za-z0-9._-]{1,128}\.safetensors$"
+    r"[A-Za-z0-9._-]{1,128}\.safetensors\Z"
 )
 
 

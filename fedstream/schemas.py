@@ -29,11 +29,12 @@ class _Strict(BaseModel):
 class TrainingMetrics(_Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    train_loss: float | None = None
-    train_accuracy: float | None = None
-    eval_loss: float | None = None
-    eval_accuracy: float | None = None
-    train_seconds: float | None = None
+    # Range-checked: a reported accuracy can end a run at its target, so 1e100 must not pass.
+    train_loss: float | None = Field(default=None, ge=0)
+    train_accuracy: float | None = Field(default=None, ge=0, le=1)
+    eval_loss: float | None = Field(default=None, ge=0)
+    eval_accuracy: float | None = Field(default=None, ge=0, le=1)
+    train_seconds: float | None = Field(default=None, ge=0)
 
     def as_dict(self) -> dict[str, float]:
         return {k: v for k, v in self.model_dump().items() if v is not None}

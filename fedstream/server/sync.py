@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, Protocol, TypeVar
 
 import pydantic
@@ -70,11 +71,28 @@ class RoundClosed:
 
 
 def parse_record(image: Mapping[str, Any]) -> UpdateRecord:
+    """The record as strict JSON: no string, bool or binary value passes for a number or a string.
+
+    DynamoDB has one number type, so its numbers become JSON numbers (integral ones integers).
+    """
     try:
-        return UpdateRecord.model_validate(dict(image))
+        text = json.dumps(dict(image), default=_json_number)
+    except (TypeError, ValueError):
+        bad = sorted(k for k, v in image.items() if isinstance(v, bytes | bytearray | memoryview | set))
+        raise Rejected(
+            "malformed_record", f"update record is invalid ({', '.join(bad) or 'record'})"
+        ) from None
+    try:
+        return UpdateRecord.model_validate_json(text, strict=True)
     except pydantic.ValidationError as exc:
         fields = ", ".join(".".join(str(p) for p in e["loc"]) or "record" for e in exc.errors())
         raise Rejected("malformed_record", f"update record is invalid ({fields})") from None
+
+
+def _json_number(value: Any) -> int | float:
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    raise TypeError(f"{type(value).__name__} is not a record value")
 
 
 def _now() -> datetime:

@@ -575,6 +575,34 @@ CASES: list[Case] = [
         "(num_examples)",
         num_examples="ten",
     ),
+    _record_case(
+        "num_examples_string",
+        "num_examples '1000' (a string, not coerced)",
+        "malformed_record",
+        "(num_examples)",
+        num_examples="1000",
+    ),
+    _record_case(
+        "num_examples_bool",
+        "num_examples true (not coerced to 1)",
+        "malformed_record",
+        "(num_examples)",
+        num_examples=True,
+    ),
+    _record_case(
+        "accuracy_out_of_range",
+        "metrics eval_accuracy 1e100 (would end a run at its target)",
+        "malformed_record",
+        "(metrics.eval_accuracy)",
+        metrics={"train_loss": 1.0, "eval_accuracy": 1e100},
+    ),
+    _record_case(
+        "negative_loss",
+        "metrics train_loss -3",
+        "malformed_record",
+        "(metrics.train_loss)",
+        metrics={"train_loss": -3.0, "eval_accuracy": 0.5},
+    ),
     _record_case("missing_field", "the record has no sha256", "malformed_record", "(sha256)", sha256=DELETE),
     _record_case(
         "extra_field", "the record adds is_admin: true", "malformed_record", "(is_admin)", is_admin=True
@@ -628,6 +656,16 @@ CASES: list[Case] = [
         "updates",
         foreign_key_case(lambda ctx: f"runs/{ctx.run_id}/updates/site-2/x/updates/site-1/y.safetensors"),
         both("foreign_object_key", "site-2/x/updates/site-1"),
+    ),
+    Case(
+        "key_trailing_newline",
+        "site-1's own update key with a newline after '.safetensors'",
+        "updates",
+        # refused before any download, so no object is needed (S3 would not take that key anyway)
+        lambda ctx: client_record(
+            ctx, BAD_CLIENT, None, object_key=keys.update_key(ctx.run_id, BAD_CLIENT, 0, "own") + "\n"
+        ),
+        both("foreign_object_key", "000000-own.safetensors\\n"),
     ),
     Case(
         "global_model_key",

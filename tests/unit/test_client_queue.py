@@ -151,6 +151,45 @@ def test_an_async_client_trains_again_only_once_its_update_is_named_consumed(que
     assert client.stats.ack_timeouts == 0
 
 
+class DivergingTrainer(InstantTrainer):
+    """Training on version 0 diverges to NaN; later versions train normally."""
+
+    def fit(self, weights: Any, settings: Any) -> Any:
+        result = super().fit(weights, settings)
+        if float(weights["dense/kernel"][0]) == 0.0:
+            result.weights = {"dense/kernel": np.full_like(result.weights["dense/kernel"], np.nan)}
+        return result
+
+
+def test_a_client_whose_training_diverges_skips_that_version_and_serves_the_next(
+    queue_world: QueueWorld,
+) -> None:
+    # GIVEN a global model (version 0) on which this client's training produces NaN weights
+    world = queue_world
+    world.publish(0)
+    client_settings = ClientSettings(
+        client_id="site-1",
+        queue_url=world.queue,
+        bucket=world.bucket,
+        updates_table=world.updates_table,
+        endpoint_url=world.aws.endpoint,
+        wait_seconds=1,
+    )
+    client = FederatedClient(client_settings, DivergingTrainer(10), session=world.aws.session())
+    loop = threading.Thread(target=client.run, daemon=True)
+    loop.start()
+
+    # THEN it reports nothing for version 0, deletes its message, and stays up
+    wait_for(lambda: client.stats.failed_steps == 1 and world.queue_counts() == (0, 0))
+    assert loop.is_alive() and client.stats.trained == 0
+
+    # AND when version 1 comes it trains and reports as usual
+    world.publish(1)
+    wait_for(lambda: client.stats.trained == 1)
+    finish(world, loop)
+    assert world.reported_versions() == [1]
+
+
 def test_an_async_client_whose_release_never_comes_trains_again_after_the_ack_timeout(
     queue_world: QueueWorld,
 ) -> None:
