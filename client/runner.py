@@ -145,7 +145,7 @@ class FederatedClient:
         done_with: list[dict[str, Any]] = []
         for message in messages:
             try:
-                parsed.append((message, _MESSAGE.validate_json(message["Body"])))
+                parsed.append((message, _MESSAGE.validate_json(message["Body"], strict=True)))
             except pydantic.ValidationError as exc:
                 self.stats.rejected_messages += 1
                 log.error("message rejected: not a fedstream message (%d errors)", exc.error_count())

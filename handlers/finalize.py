@@ -32,7 +32,7 @@ _REQUEST = pydantic.TypeAdapter(
 @tracer.capture_method
 def record_handler(record: SQSRecord) -> None:
     try:
-        request = _REQUEST.validate_json(record.body)
+        request = _REQUEST.validate_json(record.body, strict=True)
     except pydantic.ValidationError as exc:
         count_rejection(
             "malformed_request",
