@@ -2,8 +2,9 @@
 
 The batch is judged, applied and committed as a whole (``fedstream.server.asynchronous``), so there
 is no per-record failure to report: a rejected update is a verdict (logged and counted), and an
-error fails the invocation, which the stream retries (nothing of it was committed, or all of it was
-and the retry finds every update already processed).
+error fails the invocation, which the stream retries (bisecting the batch, then sending what still
+fails to the stream-failures queue); whatever part of it was committed, the retry finds already
+processed and changes nothing there.
 """
 
 from __future__ import annotations

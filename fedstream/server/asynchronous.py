@@ -2,8 +2,10 @@
 
 One run, one batch of update records (a Lambda invocation of the stream function):
 
-1. Read the run state (``sk='state'``: version, global key, FedBuff's buffer, the version that
-   released each client, counters) and the batch's markers (``sk='update#{client}#{base}'``) once.
+1. Take the run state (``sk='state'``: version, global key, FedBuff's buffer, the version that
+   released each client, counters) and the batch's markers (``sk='update#{client}#{base}'``): a
+   warm function starts from the state it committed last and assumes no marker (the commit's
+   conditions check both, and a wrong guess costs one retry); otherwise one read fetches them.
 2. Judge each record in stream order: duplicate (a marker exists, or the same update came earlier
    in this batch), run finished, future base version, ``in_flight`` (the client already has an
    update in this batch, or trained on a version older than the one that released its previous
@@ -26,8 +28,9 @@ One run, one batch of update records (a Lambda invocation of the stream function
 
 A commit that loses a race (another invocation moved the run first) recomputes the batch from the
 fresh state. Downloads run ahead in ``download_threads`` threads while records are judged in
-order, so memory holds that many updates besides the model and the buffer. A transaction holds the state,
-one marker per record and one version item: at most ``MAX_RECORDS_PER_COMMIT`` records each.
+order, so memory holds that many updates besides the model and the buffer. A transaction holds
+the state, one marker per record and one version item: at most ``MAX_RECORDS_PER_COMMIT`` records
+each; a larger batch is committed in several, each whole or not at all.
 """
 
 from __future__ import annotations
