@@ -9,6 +9,11 @@ K of them have arrived the server takes one step from the *current* global model
     after K updates:  x <- x + eta_g * buffer / K,  and the buffer empties
 
 The paper writes client deltas as x_base - w_i and steps x - eta_g * mean; the sign is folded in.
+
+An update with which the next step would overflow the model's dtype (x + eta_g * buffer / K, as
+if the buffer were full now) is refused as ``non_finite`` before it enters the buffer: one client
+cannot leave a buffer behind that makes every later step fail. The check costs one pass over the
+model per update.
 """
 
 from __future__ import annotations
@@ -81,6 +86,17 @@ class FedBuff(Aggregator):
             if state is not None and count:
                 tensor += state.arrays[name]
         count += 1
+        step = self.params.server_lr / self.buffer_size
+        moved = {
+            name: current.astype(np.float64) + step * buffered[name]
+            for name, current in global_weights.items()
+        }
+        for name, tensor in moved.items():
+            if not np.all(np.abs(tensor) <= np.finfo(global_weights[name].dtype).max):  # NaN fails too
+                raise AggregationError(
+                    "non_finite",
+                    f"with {update.client_id!r}'s update the next server step would overflow tensor {name!r}",
+                )
         metrics = {"staleness": float(staleness), "staleness_weight": weight}
         if count < self.buffer_size:
             return AsyncResult(
@@ -88,11 +104,7 @@ class FedBuff(Aggregator):
                 state=AsyncState(arrays=buffered, values={"count": count}),
                 metrics={**metrics, "buffer_fill": float(count)},
             )
-        step = self.params.server_lr / count
-        weights = {
-            name: (current.astype(np.float64) + step * buffered[name]).astype(current.dtype)
-            for name, current in global_weights.items()
-        }
+        weights = {name: moved[name].astype(current.dtype) for name, current in global_weights.items()}
         return AsyncResult(weights=weights, state=None, metrics={**metrics, "applied_updates": float(count)})
 
     @staticmethod

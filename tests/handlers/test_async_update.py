@@ -336,3 +336,26 @@ def test_a_batch_larger_than_one_transaction_is_committed_in_several(async_world
     versions = world.store.run_items_with_prefix(world.run_id, "version#")
     lineage = [ref for item in versions for ref in item.get("applied", [])]
     assert sorted(lineage) == sorted(f"{client}#0" for client in clients)
+
+
+@pytest.mark.aggregator("fedbuff", buffer_size=2, server_lr=4.0)
+def test_one_huge_update_cannot_poison_fedbuffs_buffer(
+    async_world: SyncWorld, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a finite update so large that the next step (x + 4 * buffer / 2) would overflow float32
+    world = async_world
+    huge = world.record("site-1", shifted(world, 2e38), round=None, version=0, task_token=None)
+    capsys.readouterr()
+
+    # WHEN it arrives with two honest updates
+    async_update.lambda_handler(
+        stream_event(huge, update(world, "site-2", 0, by=1.0), update(world, "site-3", 0, by=2.0)),
+        FakeContext(),
+    )
+
+    # THEN it alone is refused, and the honest two make a step: no dead letter, no wedged buffer
+    assert rejections(capsys) == {"non_finite": 1}
+    version, weights = current(world)
+    assert version == 1
+    for name, base in world.base.items():  # 4 * mean of deltas 1 and 2 = +6
+        np.testing.assert_allclose(weights[name], base + 6.0, rtol=1e-5, atol=1e-5)

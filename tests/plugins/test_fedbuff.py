@@ -116,3 +116,25 @@ def test_the_default_buffer_is_half_the_clients_between_1_and_10(registry, clien
     # and it needs one client more than its buffer: one refused update must not stall the run
     assert (aggregator.buffer_size, aggregator.min_clients) == (buffer_size, buffer_size + 1)
     assert registry.create("fedbuff", {"buffer_size": 7}, num_clients=clients).buffer_size == 7
+
+
+def test_an_update_that_would_make_the_step_overflow_is_refused_before_it_is_buffered(registry):
+    # GIVEN a global model near float32's limit and one client's finite but huge update
+    aggregator = registry.create("fedbuff", {"buffer_size": 2, "server_lr": 1.0})
+    current, base = model(3e38, 0.0), model(0.0, 0.0)
+    huge = ClientUpdate("bad", model(3.4e38, 0.0), 10, base_weights=base)
+
+    # WHEN it arrives, THEN it is refused: x + delta / 2 = 4.7e38 would overflow float32
+    with pytest.raises(AggregationError) as info:
+        aggregator.apply_async(current, huge, staleness=0)
+    assert info.value.reason == "non_finite" and "'bad'" in str(info.value)
+
+    # AND the buffer it would have poisoned still takes honest updates and steps
+    first = aggregator.apply_async(
+        current, ClientUpdate("a", model(1.0, 2.0), 10, base_weights=base), staleness=0
+    )
+    second = aggregator.apply_async(
+        current, ClientUpdate("b", model(3.0, 4.0), 10, base_weights=base), staleness=0, state=first.state
+    )
+    assert second.weights is not None
+    np.testing.assert_allclose(second.weights["w"], [3e38 + 2.0, 3.0], rtol=1e-6)
