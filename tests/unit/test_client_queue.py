@@ -96,7 +96,9 @@ def queue_world() -> Iterator[QueueWorld]:
         yield QueueWorld(aws, resources.bucket, resources.queue_urls["site-1"], resources.updates_table)
 
 
-def start_client(world: QueueWorld, **settings: Any) -> tuple[FederatedClient, threading.Thread]:
+def start_client(
+    world: QueueWorld, trainer: Any = None, **settings: Any
+) -> tuple[FederatedClient, threading.Thread]:
     client_settings = ClientSettings(
         client_id="site-1",
         queue_url=world.queue,
@@ -106,7 +108,7 @@ def start_client(world: QueueWorld, **settings: Any) -> tuple[FederatedClient, t
         wait_seconds=1,
         **settings,
     )
-    client = FederatedClient(client_settings, InstantTrainer(10), session=world.aws.session())
+    client = FederatedClient(client_settings, trainer or InstantTrainer(10), session=world.aws.session())
     loop = threading.Thread(target=client.run, daemon=True)
     loop.start()
     return client, loop
@@ -167,17 +169,7 @@ def test_a_client_whose_training_diverges_skips_that_version_and_serves_the_next
     # GIVEN a global model (version 0) on which this client's training produces NaN weights
     world = queue_world
     world.publish(0)
-    client_settings = ClientSettings(
-        client_id="site-1",
-        queue_url=world.queue,
-        bucket=world.bucket,
-        updates_table=world.updates_table,
-        endpoint_url=world.aws.endpoint,
-        wait_seconds=1,
-    )
-    client = FederatedClient(client_settings, DivergingTrainer(10), session=world.aws.session())
-    loop = threading.Thread(target=client.run, daemon=True)
-    loop.start()
+    client, loop = start_client(world, DivergingTrainer(10))
 
     # THEN it reports nothing for version 0, deletes its message, and stays up
     wait_for(lambda: client.stats.failed_steps == 1 and world.queue_counts() == (0, 0))
