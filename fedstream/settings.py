@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from fedstream.bounds import InfluenceBounds
 from fedstream.weights import DEFAULT_MAX_BYTES
 
 ENV_PREFIX = "FEDSTREAM_"
@@ -33,6 +34,8 @@ class HandlerSettings(BaseModel):
     max_model_bytes: int = Field(DEFAULT_MAX_BYTES, gt=0)
     seed: int | None = None
     download_threads: int = Field(8, ge=1, le=64)
+    # how far one client's update may move the model (docs/security.md, "A malicious participant")
+    bounds: InfluenceBounds = Field(default_factory=InfluenceBounds)
     # async run control
     max_updates: int = Field(0, ge=0, description="stop after this many applied updates (0: no limit)")
     target_accuracy: float | None = None
@@ -45,7 +48,7 @@ class HandlerSettings(BaseModel):
             return tuple(v.strip() for v in value.split(",") if v.strip())
         return value
 
-    @field_validator("aggregator_params", mode="before")
+    @field_validator("aggregator_params", "bounds", mode="before")
     @classmethod
     def _parse_params(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -69,7 +72,7 @@ class HandlerSettings(BaseModel):
                 continue
             if name == "client_ids":
                 value = ",".join(value)
-            elif name == "aggregator_params":
+            elif name in ("aggregator_params", "bounds"):
                 value = json.dumps(value, sort_keys=True)
             out[ENV_PREFIX + name.upper()] = str(value)
         return out

@@ -32,7 +32,12 @@ def emit_round_closed(closed: sync.RoundClosed) -> None:
     if "epsilon" in closed.metrics:
         metrics.add_metric(name="Epsilon", unit=MetricUnit.Count, value=closed.metrics["epsilon"])
     for client_id, reason in closed.skipped.items():
-        count_rejection(reason, client_id=client_id, round=closed.round)
+        count_rejection(
+            reason,
+            client_id=client_id,
+            round=closed.round,
+            detail=closed.skipped_why.get(client_id, ""),
+        )
     logger.info(
         "round closed at its deadline" if closed.at_deadline else "round closed",
         extra={

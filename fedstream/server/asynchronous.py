@@ -46,16 +46,18 @@ from typing import Any
 
 from fedstream import faults, keys
 from fedstream.aggregation import AggregationError, Aggregator, AsyncState, ClientUpdate
+from fedstream.bounds import OutOfBounds, check_change, check_norm, delta_norm, remember_norm
 from fedstream.registry import AggregatorRegistry
 from fedstream.schemas import ModelReady, TrainingComplete, UpdateRecord
 from fedstream.server.store import ConditionFailed, GlobalModel, MissingObject, Store
-from fedstream.server.sync import Rejected, check_identity, load_update, parse_record, prefetch
+from fedstream.server.sync import Rejected, check_identity, digest_sk, load_update, parse_record, prefetch
 from fedstream.settings import HandlerSettings
 from fedstream.weights import Weights, all_finite, decode, encode, sha256_hex
 
 MAX_CONFLICT_RETRIES = 8
-# DynamoDB takes at most 100 items a transaction: the state, the version item and the markers.
-MAX_RECORDS_PER_COMMIT = 98
+# DynamoDB takes at most 100 items a transaction: the state, the version item and two markers a
+# record (the update's, and its object's: see ``digest_sk``).
+MAX_RECORDS_PER_COMMIT = 49
 STATE_KEY = "state"
 
 
@@ -230,6 +232,7 @@ class _Plan:
     finished: str | None = None
     step_metrics: dict[str, float] = field(default_factory=dict)
     reported: dict[str, float] = field(default_factory=dict)
+    norms: list[float] = field(default_factory=list)  # delta norms of the updates taken last
 
     @property
     def running(self) -> bool:
@@ -255,7 +258,12 @@ class _RunBatch:
         while True:
             if state is None:
                 found = self.store.run_items(
-                    self.run_id, [STATE_KEY, *(marker_sk(update_ref(r)) for _, r in items)]
+                    self.run_id,
+                    [
+                        STATE_KEY,
+                        *(marker_sk(update_ref(r)) for _, r in items),
+                        *(digest_sk(r.client_id, r.sha256) for _, r in items),
+                    ],
                 )
                 state = found.pop(STATE_KEY, None)
                 markers = found
@@ -306,6 +314,7 @@ class _RunBatch:
             weights=model.weights if model is not None else {},
             buffer=self._load_buffer(state) if running else None,
             buffer_ids=list(state.get("buffer_ids", [])),
+            norms=[float(n) for n in state.get("norms", [])],
         )
         released = state.get("released", {})
         # What can be refused without it is not downloaded: a duplicate, a future or back-dated base,
@@ -315,6 +324,7 @@ class _RunBatch:
             if (
                 running
                 and marker_sk(update_ref(record)) not in markers
+                and digest_sk(record.client_id, record.sha256) not in markers
                 and released.get(record.client_id, 0) <= record.base_version <= version
             ):
                 wanted.setdefault(record.client_id, update_ref(record))
@@ -336,6 +346,8 @@ class _RunBatch:
                 if marker_sk(ref) in markers or ref in seen_refs:
                     raise Rejected("duplicate", f"update {ref} was already processed")
                 seen_refs.add(ref)
+                if digest_sk(record.client_id, record.sha256) in markers:
+                    raise Rejected("replay", f"{record.client_id!r} already sent object {record.sha256}")
                 self._judge(plan, aggregator, record, verdict, seen_clients, downloaded)
             except Rejected as rejected:
                 verdict.outcome, verdict.reason, verdict.detail = "rejected", rejected.reason, str(rejected)
@@ -378,10 +390,17 @@ class _RunBatch:
             assert plan.model is not None  # a running run's model is loaded
             downloaded = load_update(self.store, record, plan.model.spec)[0]
         weights = downloaded
+        bounds = self.settings.bounds
+        norm = delta_norm(weights, base.weights)
+        try:
+            check_change(norm, record.client_id)
+            check_norm(bounds, norm, plan.norms, record.client_id)
+        except OutOfBounds as exc:
+            raise Rejected(exc.reason, str(exc)) from None
         update = ClientUpdate(
             record.client_id,
             weights,
-            record.num_examples,
+            min(record.num_examples, bounds.max_examples or record.num_examples),
             record.metrics.as_dict(),
             record.base_version,
             base.weights,
@@ -393,6 +412,7 @@ class _RunBatch:
         if result.weights is not None and not all_finite(result.weights):
             raise Rejected("non_finite", f"applying {update_ref(record)} would make the model non-finite")
         verdict.metrics = {k: float(v) for k, v in result.metrics.items()}
+        plan.norms = remember_norm(bounds, plan.norms, norm)
         plan.buffer_ids.append(update_ref(record))
         if result.weights is None:
             verdict.outcome = "buffered"
@@ -473,6 +493,7 @@ class _RunBatch:
             "buffer_ids": plan.buffer_ids,
             "buffered": len(plan.buffer_ids),
             "released": released,
+            "norms": plan.norms,
         }
         items: list[dict[str, Any]] = []
         if plan.buffer_changed and plan.buffer is not None and plan.buffer_ids:
@@ -555,6 +576,7 @@ class _RunBatch:
             }
         )
         now = time.time()  # the markers' consumed_at: the S3 writes are done, the commit is next
+        objects: set[str] = set()
         for verdict in counted:
             verdict.stream_wait = (
                 None if verdict.arrival.written_at is None else now - verdict.arrival.written_at
@@ -567,6 +589,25 @@ class _RunBatch:
                     }
                 }
             )
+            assert verdict.record is not None
+            record = verdict.record
+            # The object is this client's for this update, once (a second record naming it in this
+            # batch is refused as in flight, and writes no second marker).
+            if verdict.reason != "replay" and digest_sk(record.client_id, record.sha256) not in objects:
+                objects.add(digest_sk(record.client_id, record.sha256))
+                items.append(
+                    {
+                        "Put": {
+                            "Item": {
+                                "run_id": run_id,
+                                "sk": digest_sk(record.client_id, record.sha256),
+                                "used_in": marker_sk(update_ref(record)),
+                                "object_key": record.object_key,
+                            },
+                            "ConditionExpression": "attribute_not_exists(run_id)",
+                        }
+                    }
+                )
         faults.point("async.before_commit")
         self.store.transact(items)
         # The state as stored now (the counters too): the next batch here starts from it.

@@ -24,6 +24,7 @@ import pydantic
 
 from fedstream import faults, keys
 from fedstream.aggregation import AggregationError, ClientUpdate, PrivacyBudgetExhausted, RoundContext
+from fedstream.bounds import OutOfBounds, admit_round, check_change, delta_norm
 from fedstream.registry import AggregatorRegistry
 from fedstream.schemas import UpdateRecord
 from fedstream.server.store import ConditionFailed, MissingObject, Store, UnreadableObject
@@ -67,7 +68,8 @@ class RoundClosed:
     at_deadline: bool
     callback_delivered: bool
     client_settings: dict[str, Any] = field(default_factory=dict)
-    skipped: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # client -> reason its update was left out
+    skipped_why: dict[str, str] = field(default_factory=dict)  # client -> the reason's detail
 
 
 def parse_record(image: Mapping[str, Any]) -> UpdateRecord:
@@ -137,11 +139,12 @@ class ValidatedReport:
     num_examples: int
     metrics: dict[str, float]
     version_id: str | None = None
+    norm: float = 0.0  # ||update - base||, measured at registration
 
     @classmethod
-    def of(cls, record: UpdateRecord, version_id: str | None) -> ValidatedReport:
+    def of(cls, record: UpdateRecord, version_id: str | None, norm: float) -> ValidatedReport:
         return cls(
-            record.object_key, record.sha256, record.num_examples, record.metrics.as_dict(), version_id
+            record.object_key, record.sha256, record.num_examples, record.metrics.as_dict(), version_id, norm
         )
 
 
@@ -174,21 +177,52 @@ def load_update(store: Store, ref: ObjectRef, spec: ModelSpec) -> tuple[Any, int
     return weights, len(data), version_id
 
 
+def digest_sk(client_id: str, sha256: str) -> str:
+    """The run item that records which round a client's object (by sha256) was sent for."""
+    return f"object#{client_id}#{sha256}"
+
+
 def register_report(store: Store, settings: HandlerSettings, record: UpdateRecord) -> Registered:
     """Validate one sync update record and add its client to the round's reports (idempotent).
 
-    The happy path is a cached global model, one download and one conditional write: the
-    condition checks the round's status, version and token, and the client's first report at
-    once. Only a refused write reads the round to say why (``_why_not_registered``).
+    Cheap checks first: one read of the round and of the client's earlier use of this object
+    refuses a closed round, a wrong base version, a second report or a replayed object before
+    anything is downloaded. Then the download is verified and decoded against the cached global
+    model, its delta norm measured (the close bounds it against the round's median) and an
+    unchanged model refused. Two conditional writes follow: the object is bound to this round
+    (a later round cannot take it again), and the report is added to the round, conditioned on
+    the round's status, version and token and the client's first report.
     """
     check_identity(record, settings)
     if record.round is None:
         raise Rejected("malformed_record", "a sync update record must name its round")
+    round_sk, object_sk = (
+        _round_key(record.run_id, record.round)["sk"],
+        digest_sk(record.client_id, record.sha256),
+    )
+    found = store.run_items(record.run_id, [round_sk, object_sk])
+    if (refusal := _refusal(store, record, found.get(round_sk), found.get(object_sk))) is not None:
+        raise refusal
     try:
         base = store.global_model(record.run_id, record.base_version)
     except MissingObject:
         raise _why_not_registered(store, record) from None
-    _, _, version_id = load_update(store, record, base.spec)
+    weights, _, version_id = load_update(store, record, base.spec)
+    norm = delta_norm(weights, base.weights)
+    del weights
+    try:
+        check_change(norm, record.client_id)
+    except OutOfBounds as exc:
+        raise Rejected(exc.reason, str(exc)) from None
+    try:
+        store.conditional_update(
+            {"run_id": record.run_id, "sk": object_sk},
+            "SET used_in = :at, object_key = :key",
+            "attribute_not_exists(run_id) OR used_in = :at",
+            {":at": round_sk, ":key": record.object_key},
+        )
+    except ConditionFailed:
+        raise _replay(record, store.run_items(record.run_id, [object_sk]).get(object_sk)) from None
 
     condition = "#status = :open AND NOT contains(reported, :c) AND version = :base"
     values: dict[str, Any] = {
@@ -197,7 +231,7 @@ def register_report(store: Store, settings: HandlerSettings, record: UpdateRecor
         ":open": "open",
         ":c": record.client_id,
         ":base": record.base_version,
-        ":report": json.dumps(asdict(ValidatedReport.of(record, version_id))),
+        ":report": json.dumps(asdict(ValidatedReport.of(record, version_id, norm))),
         ":at": _now().isoformat(),
     }
     if record.task_token:
@@ -217,10 +251,30 @@ def register_report(store: Store, settings: HandlerSettings, record: UpdateRecor
     return Registered(record, int(item["reported_count"]), required)
 
 
+def _replay(record: UpdateRecord, used: Mapping[str, Any] | None) -> Rejected:
+    where = str((used or {}).get("used_in", "another round")).replace("#", " ")
+    return Rejected(
+        "replay", f"client {record.client_id!r} already sent object {record.sha256[:12]}... for {where}"
+    )
+
+
 def _why_not_registered(store: Store, record: UpdateRecord) -> Rejected:
     """Why a record cannot be registered, read from the round as it is now."""
     assert record.round is not None
-    item = store.round_item(record.run_id, record.round)
+    refusal = _refusal(store, record, store.round_item(record.run_id, record.round), None)
+    return refusal or Rejected(
+        "missing_object", f"version {record.base_version} of run {record.run_id!r} has no global model"
+    )
+
+
+def _refusal(
+    store: Store, record: UpdateRecord, item: Mapping[str, Any] | None, used: Mapping[str, Any] | None
+) -> Rejected | None:
+    """Why the round ``item`` (as read) refuses ``record``, or None if it would take it.
+
+    ``used`` is the client's earlier use of the record's object (``digest_sk``), if read.
+    """
+    assert record.round is not None
     if item is None:
         if store.run_state(record.run_id) is None:
             return Rejected("unknown_run", f"run {record.run_id!r} does not exist")
@@ -243,9 +297,9 @@ def _why_not_registered(store: Store, record: UpdateRecord) -> Rejected:
     server_token = item.get("task_token")
     if record.task_token and server_token and record.task_token != server_token:
         return Rejected("task_token_mismatch", "the record's task token is not the round's token")
-    return Rejected(
-        "missing_object", f"version {record.base_version} of run {record.run_id!r} has no global model"
-    )
+    if used is not None and used.get("used_in") != item["sk"]:
+        return _replay(record, used)
+    return None
 
 
 def handle_sync_record(
@@ -518,28 +572,38 @@ def _aggregate_and_publish(
     carry = json.loads(state.get("carry") or "{}")
     aggregator.begin(base.weights, RoundContext(round=round_number, carry=carry))
 
-    clients = sorted(round_item.get("reported", []))
-
-    def fetch(client_id: str) -> tuple[ValidatedReport, Any, int]:
-        # The report as validated at registration: a record rewritten since then changes nothing.
+    # The reports as validated at registration: a record rewritten since then changes nothing.
+    reports: dict[str, ValidatedReport] = {}
+    skipped: dict[str, str] = {}
+    skipped_why: dict[str, str] = {}
+    for client_id in sorted(round_item.get("reported", [])):
         stored = round_item.get(report_attribute(client_id))
         if stored is None:
-            raise Rejected("missing_record", f"round {round_number} holds no report of {client_id}")
-        report = ValidatedReport(**json.loads(stored))
-        weights, size, _ = load_update(store, report, base.spec)
-        return report, weights, size
+            skipped[client_id], skipped_why[client_id] = "missing_record", f"no report of {client_id}"
+            continue
+        reports[client_id] = ValidatedReport(**json.loads(stored))
+    # Influence bounds, from what registration measured: refused updates are not even downloaded.
+    admitted, refused = admit_round(
+        settings.bounds, {c: (r.norm, r.num_examples) for c, r in reports.items()}, base.weights
+    )
+    for client_id, why in refused.items():
+        skipped[client_id], skipped_why[client_id] = why.reason, str(why)
+
+    def fetch(client_id: str) -> tuple[Any, int]:
+        weights, size, _ = load_update(store, reports[client_id], base.spec)
+        return weights, size
 
     accepted: list[str] = []
-    skipped: dict[str, str] = {}
     model_bytes = 0
-    for client_id, fetched in prefetch(clients, fetch, settings.download_threads):
+    for client_id, fetched in prefetch(sorted(admitted), fetch, settings.download_threads):
         if isinstance(fetched, Rejected):
-            skipped[client_id] = fetched.reason
+            skipped[client_id], skipped_why[client_id] = fetched.reason, str(fetched)
             continue
         if isinstance(fetched, BaseException):
             raise fetched
-        report, weights, size = fetched
-        aggregator.accept(ClientUpdate(client_id, weights, report.num_examples, report.metrics, base_version))
+        weights, size = fetched
+        report = reports[client_id]
+        aggregator.accept(ClientUpdate(client_id, weights, admitted[client_id], report.metrics, base_version))
         accepted.append(client_id)
         model_bytes = size
     if not accepted:
@@ -627,6 +691,7 @@ def _aggregate_and_publish(
         callback_delivered=False,
         client_settings=next_settings,
         skipped=skipped,
+        skipped_why=skipped_why,
     )
     item = store.conditional_update(
         _round_key(run_id, round_number),
@@ -661,12 +726,15 @@ def finalize_round(
     run_id: str,
     round_number: int,
     token: str,
+    *,
+    finalize_id: str,
 ) -> Finalized:
-    """The deadline path: close with the quorum there is, or fail the round with a clear error."""
-    item = store.round_item(run_id, round_number)
-    if item is None:
-        store.send_task_failure(token, "UnknownRound", f"round {round_number} of run {run_id} does not exist")
-        return Finalized("failed", message="unknown round")
+    """The deadline path: close with the quorum there is, or fail the round with a clear error.
+
+    Only for the state machine's own request, after the round's deadline (``check_finalize_request``):
+    anything else raises ``FinalizeRefused`` before the round or any task token is touched.
+    """
+    item = check_finalize_request(store, run_id, round_number, token, finalize_id)
     status = item["status"]
     if status == "closed":
         deliver_round_result(store, run_id, round_number, finalize_token=token)
@@ -707,3 +775,87 @@ def finalize_round(
         store.send_task_failure(token, "QuorumNotReached", message)
         return Finalized("quorum_not_reached", message=message)
     raise RoundBusy(f"round {round_number} is {status}; the finalize request will be retried")
+
+
+# The handler's clock may trail the state machine's by this much: a genuine request arrives after
+# its deadline by the state machine's clock, and a refused one is dropped, failing the run.
+DEADLINE_CLOCK_SKEW_SECONDS = 2.0
+
+
+class FinalizeRefused(Rejected):
+    """A finalize request that is not the state machine's own, after the round's deadline.
+
+    Logged with ``reason`` and counted, never retried, and nothing else happens: the round is not
+    touched and no task token is answered.
+    """
+
+
+def round_deadline(item: Mapping[str, Any]) -> datetime | None:
+    """When the round's deadline passes: ``opened_at`` + ``round_timeout``, both written by the
+    state machine's ``OpenRound`` (None on a round item without them)."""
+    opened, timeout = item.get("opened_at"), item.get("round_timeout")
+    if not opened or timeout is None:
+        return None
+    try:
+        opened_at = datetime.fromisoformat(str(opened).replace("Z", "+00:00"))
+        seconds = float(timeout)
+    except (TypeError, ValueError):
+        return None
+    if opened_at.tzinfo is None or not math.isfinite(seconds):
+        return None
+    return datetime.fromtimestamp(opened_at.timestamp() + seconds, UTC)
+
+
+def check_finalize_request(
+    store: Store, run_id: str, round_number: int, token: str, finalize_id: str
+) -> dict[str, Any]:
+    """The round item, if the request is the state machine's ``FinalizeRound`` for this round.
+
+    Everything compared here was written by the state machine alone, on the run table (which no
+    client can read or write): ``opened_at`` and ``round_timeout`` when it opened the round, and
+    ``finalize_id`` (a fresh random id) once the round's wait timed out (``MarkDeadline``), just
+    before it sent this id with its finalize token to the queue. So a request must
+
+    1. name a round that exists (``unknown_round``);
+    2. come after the round's deadline: the state machine marked it, and the deadline has passed by
+       this clock too (``before_deadline``);
+    3. carry the round's own ``finalize_id`` (``finalize_id_mismatch``): a request for another round
+       or run, or made up by anyone who can reach the queue, does not have it;
+    4. carry the first task token ever presented with that id, which is then pinned on the round
+       (``finalize_token_mismatch``), so even a leaked id cannot direct a callback elsewhere.
+
+    Id and token are checked by one conditional write, so two requests cannot both pin a token.
+    """
+    item = store.round_item(run_id, round_number)
+    if item is None:
+        raise FinalizeRefused("unknown_round", f"round {round_number} of run {run_id} does not exist")
+    if not item.get("finalize_id"):
+        raise FinalizeRefused(
+            "before_deadline", f"the state machine has not marked the deadline of round {round_number}"
+        )
+    deadline = round_deadline(item)
+    if deadline is None:
+        raise FinalizeRefused("before_deadline", f"round {round_number} has no deadline on record")
+    early = deadline.timestamp() - _now().timestamp()
+    if early > DEADLINE_CLOCK_SKEW_SECONDS:
+        raise FinalizeRefused(
+            "before_deadline",
+            f"round {round_number}'s deadline is {early:.0f} s away ({deadline.isoformat()})",
+        )
+    try:
+        return store.conditional_update(
+            _round_key(run_id, round_number),
+            "SET finalize_token = :tok",
+            "finalize_id = :id AND (attribute_not_exists(finalize_token) OR finalize_token = :tok)",
+            {":id": finalize_id, ":tok": token},
+        )
+    except ConditionFailed:
+        current = store.round_item(run_id, round_number) or {}
+        if current.get("finalize_id") != finalize_id:
+            raise FinalizeRefused(
+                "finalize_id_mismatch", f"the request does not carry round {round_number}'s finalize id"
+            ) from None
+        raise FinalizeRefused(
+            "finalize_token_mismatch",
+            f"round {round_number}'s finalize request came with another task token first",
+        ) from None

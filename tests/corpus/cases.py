@@ -16,8 +16,9 @@ the logged ``detail`` that tells it apart from other cases with the same reason.
 marks the modes where the server does not do that yet (the test is a strict xfail); see
 ``docs/security.md`` for the list.
 
-Huge-norm weights are not in :data:`CASES`: they are valid floats and are accepted. What bounds
-them is an aggregator (``dp-noise`` clipping); ``test_corpus.py`` proves the bound.
+Finite updates that are well-formed but steer the model (a huge delta, an inflated example count,
+a replayed object) need a round or a run history to be judged against; ``test_corpus.py`` and
+``tests/handlers/test_influence.py`` send them through the handlers one by one.
 """
 
 from __future__ import annotations
@@ -634,6 +635,14 @@ CASES: list[Case] = [
         "updates",
         bad_update(good_payload, round=DELETE),
         {"sync": ("malformed_record", "must name its round")},
+    ),
+    # -- finite and well-formed, but steering
+    Case(
+        "copy_of_global",
+        "a byte-identical copy of the global model with 10**9 examples (free-riding, freezes FedAvg)",
+        "updates",
+        bad_update(lambda ctx: dict(ctx.world.base), num_examples=10**9),
+        both("no_change", "identical to the model it was trained from"),
     ),
     # -- identity: whose object, which client, which run
     Case(

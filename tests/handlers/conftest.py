@@ -55,8 +55,10 @@ class SyncWorld:
     def upload(
         self, client_id: str, weights: dict[str, np.ndarray] | bytes, *, version: int = 0
     ) -> tuple[str, str]:
-        data = weights if isinstance(weights, bytes) else encode(weights)
-        key = keys.update_key(self.run_id, client_id, version, uuid.uuid4().hex[:8])
+        nonce = uuid.uuid4().hex[:8]
+        # Each upload is a new object, as a client's training makes one (its own sha256).
+        data = weights if isinstance(weights, bytes) else encode(weights, {"upload": nonce})
+        key = keys.update_key(self.run_id, client_id, version, nonce)
         self.put_object(key, data)
         return key, sha256_hex(data)
 

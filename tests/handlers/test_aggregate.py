@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fedstream import keys
+from fedstream.bounds import InfluenceBounds
 from fedstream.local.logs import metric_counts
 from fedstream.registry import default_registry
 from fedstream.server import sync
@@ -211,8 +212,49 @@ def test_the_close_aggregates_the_object_version_registration_checked(world: Syn
         np.testing.assert_allclose(global_version(world, 1)[name], array, rtol=1e-6)
 
 
-def test_a_sum_that_overflows_fails_the_round_with_its_reason(world: SyncWorld) -> None:
-    # GIVEN finite updates whose example-weighted float32 sum overflows to Inf
+def test_an_update_far_beyond_the_rounds_median_norm_is_left_out_and_the_round_closes(
+    world: SyncWorld, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN two honest reports and one of finite weights of 3e38 with 2 examples, whose float32
+    # example-weighted sum would overflow
+    honest = good_items(world)[:2]
+    huge = {name: np.full_like(array, 3e38) for name, array in world.base.items()}
+    items = [*honest, world.record("site-3", huge, num_examples=2)]
+
+    # WHEN their records arrive
+    response = aggregate.lambda_handler(stream_event(*items), FakeContext())
+
+    # THEN the round closes with the honest two; the third is refused with its reason, logged and counted
+    assert response == {"batchItemFailures": []}
+    assert world.round_item()["status"] == "closed"
+    shift = (1.0 * 10 + 2.0 * 30) / 40
+    for name, array in world.base.items():
+        np.testing.assert_allclose(global_version(world, 1)[name], array + shift, rtol=1e-6)
+    logs = capsys.readouterr().out
+    assert emf_rejections(logs) == {"norm_bound": 1}
+    assert '"client_id":"site-3"' in logs and "the median" in logs
+
+
+def test_without_bounds_an_update_that_would_overflow_the_sum_is_left_out(world: SyncWorld) -> None:
+    # GIVEN influence bounds off, and two honest reports besides one of weights 3e38 with 2 examples
+    settings = world.settings.model_copy(update={"bounds": InfluenceBounds.off()})
+    huge = {name: np.full_like(array, 3e38) for name, array in world.base.items()}
+    for item in [*good_items(world)[:2], world.record("site-3", huge, num_examples=2)]:
+        sync.register_report(world.store, settings, sync.parse_record(item))
+
+    # WHEN the round closes
+    closed = sync.close_round(world.store, settings, default_registry(), world.run_id, 1, min_reports=3)
+
+    # THEN the update that would overflow the float32 sum is refused, and the round closes with the rest
+    assert closed is not None and closed.clients == ["site-1", "site-2"]
+    assert closed.skipped == {"site-3": "non_finite"} and "overflow" in closed.skipped_why["site-3"]
+    shift = (1.0 * 10 + 2.0 * 30) / 40
+    for name, array in world.base.items():
+        np.testing.assert_allclose(global_version(world, 1)[name], array + shift, rtol=1e-6)
+
+
+def test_a_round_with_no_update_in_bounds_fails_with_its_reason(world: SyncWorld) -> None:
+    # GIVEN three updates of 3e38, each of which alone would overflow the sum
     huge = {name: np.full_like(array, 3e38) for name, array in world.base.items()}
     for client in ("site-1", "site-2", "site-3"):
         item = world.record(client, huge, num_examples=10)
@@ -221,7 +263,7 @@ def test_a_sum_that_overflows_fails_the_round_with_its_reason(world: SyncWorld) 
     # WHEN the round closes  THEN it fails, naming the reason, and no version is published
     with pytest.raises(sync.Rejected) as rejected:
         sync.close_round(world.store, world.settings, default_registry(), world.run_id, 1, min_reports=3)
-    assert rejected.value.reason == "non_finite"
+    assert rejected.value.reason == "no_updates"
     assert world.round_item()["status"] == "failed"
-    assert "aggregated model is invalid" in world.round_item()["failure"]
+    assert "non_finite" in world.round_item()["failure"]
     assert world.run_state()["version"] == 0

@@ -328,8 +328,9 @@ def test_a_batch_larger_than_one_transaction_is_committed_in_several(async_world
         world.store, settings, default_registry(), [Arrival(item) for item in items]
     )
 
-    # THEN they go in two transactions (98 + 12) and every one is applied once
-    assert [len(commit.verdicts) for commit in result.commits] == [asynchronous.MAX_RECORDS_PER_COMMIT, 12]
+    # THEN they go in three transactions (49 + 49 + 12) and every one is applied once
+    most = asynchronous.MAX_RECORDS_PER_COMMIT
+    assert [len(commit.verdicts) for commit in result.commits] == [most, most, 110 - 2 * most]
     assert [v.outcome for v in result.verdicts] == ["applied"] * 110
     state = world.run_state()
     assert (state["version"], state["received"], state["applied"]) == (110, 110, 110)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from client.runner import FederatedClient
+from fedstream.bounds import InfluenceBounds
 from fedstream.local.logs import json_lines, metric_counts
 from fedstream.settings import ClientSettings
 from fedstream.weights import Weights, decode
@@ -326,18 +327,38 @@ def flat(weights: Weights) -> np.ndarray:
     return np.concatenate([np.asarray(weights[name], np.float64).ravel() for name in sorted(weights)])
 
 
-def test_fedavg_accepts_a_huge_norm_update_and_is_moved_without_bound(world: SyncWorld) -> None:
+def test_fedavg_refuses_a_huge_norm_update_by_default(
+    world: SyncWorld, capsys: pytest.CaptureFixture[str]
+) -> None:
     # GIVEN site-1 sends finite weights of norm ~4e30 with two good updates (a complete round)
     ctx = CaseContext(world, "sync")
     items = [client_record(ctx, BAD_CLIENT, huge(world), num_examples=10), *good_records(ctx)]
 
     assert send_updates("sync", items) == NO_FAILURES
 
-    # THEN it is accepted: poisoning is not prevented, FedAvg follows it (10 of 100 examples)
+    # THEN it is refused as norm_bound (far beyond the round's median delta norm), logged and
+    # counted, and the round closes with FedAvg of the good updates alone
     version, weights = global_model(world)
     assert version == 1 and world.round_item()["status"] == "closed"
-    moved = np.linalg.norm(flat(weights) - flat(world.base))
-    assert moved > 1e29
+    assert metric_counts(capsys.readouterr().out, "UpdatesRejected", "reason") == {"norm_bound": 1}
+    for name, array in sync_expected(world).items():
+        np.testing.assert_allclose(weights[name], array, rtol=1e-5)
+
+
+def test_with_bounds_off_fedavg_follows_a_huge_norm_update(
+    world: SyncWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN influence bounds turned off at deploy time, and the same round
+    monkeypatch.setenv("FEDSTREAM_BOUNDS", InfluenceBounds.off().model_dump_json())
+    ctx = CaseContext(world, "sync")
+    items = [client_record(ctx, BAD_CLIENT, huge(world), num_examples=10), *good_records(ctx)]
+
+    assert send_updates("sync", items) == NO_FAILURES
+
+    # THEN it is accepted and FedAvg follows it (10 of 100 examples): what the bound prevents
+    version, weights = global_model(world)
+    assert version == 1 and world.round_item()["status"] == "closed"
+    assert np.linalg.norm(flat(weights) - flat(world.base)) > 1e29
 
 
 def dp_clip(update: Weights, base: Weights, clip_norm: float) -> np.ndarray:
@@ -349,7 +370,9 @@ def dp_clip(update: Weights, base: Weights, clip_norm: float) -> np.ndarray:
 def test_dp_noise_clipping_bounds_a_huge_norm_update_to_clip_norm_over_m(
     world: SyncWorld, monkeypatch: pytest.MonkeyPatch, clip_norm: float
 ) -> None:
-    # GIVEN dp-noise with clip norm C and no noise, and the same round: a huge update and two good ones
+    # GIVEN dp-noise with clip norm C and no noise, and the same round: a huge update and two good
+    # ones (influence bounds off: the clipping alone is under test)
+    monkeypatch.setenv("FEDSTREAM_BOUNDS", InfluenceBounds.off().model_dump_json())
     monkeypatch.setenv("FEDSTREAM_AGGREGATOR", "dp-noise")
     monkeypatch.setenv(
         "FEDSTREAM_AGGREGATOR_PARAMS", json.dumps({"clip_norm": clip_norm, "noise_multiplier": 0})
