@@ -162,3 +162,15 @@ def admit_round(
         total += contribution
         admitted[client_id] = counts[client_id]
     return admitted, refused
+
+
+def for_run(deployed: InfluenceBounds, stored: str | None) -> InfluenceBounds:
+    """The bounds a run uses: the deployment's, with the run's own (JSON on its state item) over them."""
+    if not stored:
+        return deployed
+    return InfluenceBounds.model_validate(
+        {
+            **deployed.model_dump(),
+            **InfluenceBounds.model_validate_json(stored).model_dump(exclude_unset=True),
+        }
+    )

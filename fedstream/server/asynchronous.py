@@ -46,7 +46,15 @@ from typing import Any
 
 from fedstream import faults, keys
 from fedstream.aggregation import AggregationError, Aggregator, AsyncState, ClientUpdate
-from fedstream.bounds import OutOfBounds, check_change, check_norm, delta_norm, remember_norm
+from fedstream.bounds import (
+    InfluenceBounds,
+    OutOfBounds,
+    check_change,
+    check_norm,
+    delta_norm,
+    for_run,
+    remember_norm,
+)
 from fedstream.registry import AggregatorRegistry
 from fedstream.schemas import ModelReady, TrainingComplete, UpdateRecord
 from fedstream.server.store import ConditionFailed, GlobalModel, MissingObject, Store
@@ -139,8 +147,12 @@ def start_run(
     max_updates: int = 0,
     target_accuracy: float | None = None,
     max_seconds: float = 0.0,
+    bounds: InfluenceBounds | None = None,
 ) -> ModelReady:
-    """Publish version 0 of an async run and notify every client."""
+    """Publish version 0 of an async run and notify every client.
+
+    ``bounds`` are this run's influence bounds where they differ from the deployment's.
+    """
     weights, _ = decode(weights_data, max_bytes=store.settings.max_model_bytes)
     key = keys.global_key(run_id, 0)
     store.put_once(key, weights_data)
@@ -165,6 +177,7 @@ def start_run(
             "max_seconds": str(max_seconds),
             "target_accuracy": "" if target_accuracy is None else str(target_accuracy),
             "client_settings": json.dumps(dict(client_settings or {})),
+            "bounds": "" if bounds is None else bounds.model_dump_json(exclude_unset=True),
             "started_at": _now(),
             "version_at": str(time.time()),
         },
@@ -390,7 +403,7 @@ class _RunBatch:
             assert plan.model is not None  # a running run's model is loaded
             downloaded = load_update(self.store, record, plan.model.spec)[0]
         weights = downloaded
-        bounds = self.settings.bounds
+        bounds = for_run(self.settings.bounds, plan.state.get("bounds"))
         norm = delta_norm(weights, base.weights)
         try:
             check_change(norm, record.client_id)

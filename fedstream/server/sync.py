@@ -24,7 +24,7 @@ import pydantic
 
 from fedstream import faults, keys
 from fedstream.aggregation import AggregationError, ClientUpdate, PrivacyBudgetExhausted, RoundContext
-from fedstream.bounds import OutOfBounds, admit_round, check_change, delta_norm
+from fedstream.bounds import OutOfBounds, admit_round, check_change, delta_norm, for_run
 from fedstream.registry import AggregatorRegistry
 from fedstream.schemas import UpdateRecord
 from fedstream.server.store import ConditionFailed, MissingObject, Store, UnreadableObject
@@ -584,7 +584,9 @@ def _aggregate_and_publish(
         reports[client_id] = ValidatedReport(**json.loads(stored))
     # Influence bounds, from what registration measured: refused updates are not even downloaded.
     admitted, refused = admit_round(
-        settings.bounds, {c: (r.norm, r.num_examples) for c, r in reports.items()}, base.weights
+        for_run(settings.bounds, state.get("bounds")),
+        {c: (r.norm, r.num_examples) for c, r in reports.items()},
+        base.weights,
     )
     for client_id, why in refused.items():
         skipped[client_id], skipped_why[client_id] = why.reason, str(why)

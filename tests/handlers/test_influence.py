@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from fedstream.bounds import InfluenceBounds
 from fedstream.local.logs import metric_counts
 from fedstream.schemas import update_sort_key
 from fedstream.weights import Weights, decode
@@ -185,3 +186,25 @@ def test_async_a_replayed_object_is_refused(
     # THEN it is refused as a replay and nothing moved
     assert rejections(capsys) == {"replay": 1}
     assert model(world)[0] == 1
+
+
+def test_a_runs_own_bounds_apply_over_the_deployments(
+    async_world: SyncWorld, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a run started with its own absolute bound (start_run(..., bounds=...) stores it)
+    world = async_world
+    own = InfluenceBounds(max_update_norm=0.5).model_dump_json(exclude_unset=True)
+    world.store.conditional_update(
+        {"run_id": world.run_id, "sk": "state"}, "SET bounds = :b", "attribute_exists(run_id)", {":b": own}
+    )
+    world.store.forget_run_state(world.run_id)
+
+    # WHEN an update moves every weight by 1 (a delta norm far above 0.5), and one by 1e-3
+    big, small = async_update_item(world, "site-1", 0, 1.0), async_update_item(world, "site-2", 0, 1e-3)
+    async_update.lambda_handler(stream_event(big, small), FakeContext())
+
+    # THEN the first is refused by the run's bound and the second applied
+    out = capsys.readouterr().out
+    assert metric_counts(out, "UpdatesRejected", "reason") == {"norm_bound": 1}
+    assert "max_update_norm 0.5" in out
+    assert world.run_state()["applied"] == 1
