@@ -422,17 +422,27 @@ def test_a_clip_only_dp_noise_round_calls_back_with_strict_json(
             _strict_json(line)
 
 
-def test_fedasync_accepts_a_huge_norm_update_and_is_moved_without_bound(async_world: SyncWorld) -> None:
-    # GIVEN async mode (no clipping aggregator ships for it) and one huge, finite update
+def test_async_before_three_updates_only_the_absolute_norm_bound_holds(
+    async_world: SyncWorld, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a fresh async run (no update taken yet: no median to compare with) and one huge update
     ctx = CaseContext(async_world, "async")
     item = client_record(ctx, BAD_CLIENT, huge(async_world))
 
+    # WHEN the deployment sets no absolute bound  THEN it is applied with FedAsync's mixing weight
+    # 0.6: the model is moved by ~0.6 * 4e30 (what max_update_norm is for)
     assert send_updates("async", [item]) == NO_FAILURES
-
-    # THEN it is applied with FedAsync's mixing weight 0.6: the model is moved by ~0.6 * 4e30
     version, weights = global_model(async_world)
     assert version == 1
     assert np.linalg.norm(flat(weights) - flat(async_world.base)) > 1e29
+
+    # AND WHEN the deployment sets max_update_norm  THEN the same update is refused as norm_bound
+    monkeypatch.setenv("FEDSTREAM_BOUNDS", InfluenceBounds(max_update_norm=100.0).model_dump_json())
+    capsys.readouterr()
+    again = client_record(ctx, "site-2", huge(async_world), version=1)
+    assert send_updates("async", [again]) == NO_FAILURES
+    assert metric_counts(capsys.readouterr().out, "UpdatesRejected", "reason") == {"norm_bound": 1}
+    assert global_model(async_world)[0] == 1
 
 
 # ---- what a client may still do with its own records: known gaps ---------------------------------
