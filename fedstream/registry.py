@@ -31,6 +31,9 @@ BUILTIN_MODULES = (
     "plugins.dp_noise",
     "plugins.fedasync",
     "plugins.fedbuff",
+    "plugins.median",
+    "plugins.trimmed_mean",
+    "plugins.krum",
 )
 AUTOLOAD_ENV = "FEDSTREAM_DISABLE_PLUGIN_AUTOLOAD"
 PLUGIN_PATH_ENV = "FEDSTREAM_PLUGIN_PATH"

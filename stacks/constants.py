@@ -44,6 +44,13 @@ LAMBDA_BASE_MEMORY_MB = 512
 LAMBDA_MIN_MEMORY_MB = 1024
 LAMBDA_MAX_MEMORY_MB = 10240
 MODEL_COPIES_IN_MEMORY = 4
+# Aggregators that keep every update of a round (sync: one per client) or every delta of their
+# buffer (async: K = buffer_size) until they combine them: memory O(K * model) on top of the above.
+# Per held update, in model-file sizes: sync keeps the downloaded payload (1x); async keeps a float64
+# delta (2x a float32 file), and the host's commit also holds the new state blob and the previous
+# one it caches (2x each), so 6x.
+AGGREGATORS_HOLDING_UPDATES = frozenset({"median", "trimmed-mean", "krum"})
+HELD_UPDATE_COPIES = {"sync": 1, "async": 6}
 # Lambda allows 4 KB of environment in all; the client list and aggregator params get this much of it.
 LAMBDA_ENV_BUDGET_BYTES = 3000
 AGGREGATE_TIMEOUT_MINUTES = 15

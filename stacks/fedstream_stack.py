@@ -25,6 +25,7 @@ from constructs import Construct
 from fedstream.registry import AggregatorRegistry, PluginError, default_registry
 from fedstream.schemas import IDENTIFIER
 from fedstream.settings import ClientSettings, HandlerSettings
+from plugins.fedbuff import default_buffer_size
 from stacks import constants
 from stacks.bundling import LambdaAssetSpec, lambda_code
 from stacks.constructs.client_access import ClientAccess, ClientTrust, role_output_name
@@ -46,6 +47,7 @@ _RETENTION_DAYS = {
 
 
 NO_TARGET_ACCURACY = 2.0
+_BUFFER_SIZE = pydantic.TypeAdapter(pydantic.PositiveInt | None)
 
 
 class ConfigError(ValueError):
@@ -164,10 +166,14 @@ class DeploymentConfig(pydantic.BaseModel):
                 f"in all, so keep them under {budget} (shorter ids, or another stack)"
             )
         if self.memory_mb > constants.LAMBDA_MAX_MEMORY_MB:
+            held, fewer = "", ""
+            if self.held_updates:
+                held = f" and {self.aggregator} holding {self.held_updates} updates at once"
+                fewer = ", fewer clients" if self.mode == "sync" else ", a smaller buffer_size"
             raise ValueError(
-                f"max_model_mb={self.max_model_mb} with download_threads={self.download_threads} needs "
+                f"max_model_mb={self.max_model_mb} with download_threads={self.download_threads}{held} needs "
                 f"{self.memory_mb} MB of Lambda memory (maximum {constants.LAMBDA_MAX_MEMORY_MB}); "
-                "lower download_threads or max_model_mb"
+                f"lower download_threads{fewer} or max_model_mb"
             )
         return self
 
@@ -178,10 +184,27 @@ class DeploymentConfig(pydantic.BaseModel):
         return self.min_clients or max(1, math.ceil(len(self.clients) / 2))
 
     @property
+    def held_updates(self) -> int:
+        """Updates the aggregator keeps in memory at once: 0 when it streams them (FedAvg's running
+        sum), every client's in a sync round, K = its buffer size in async."""
+        if self.aggregator not in constants.AGGREGATORS_HOLDING_UPDATES:
+            return 0
+        if self.mode == "sync":
+            return len(self.clients)
+        try:  # as the aggregator's params model reads it; a bad value is refused by check_aggregator
+            requested = _BUFFER_SIZE.validate_python(self.aggregator_params.get("buffer_size"))
+        except pydantic.ValidationError:
+            requested = None
+        return requested or default_buffer_size(len(self.clients))
+
+    @property
     def memory_mb(self) -> int:
-        needed = constants.LAMBDA_BASE_MEMORY_MB + self.max_model_mb * (
-            constants.MODEL_COPIES_IN_MEMORY + self.download_threads
+        copies = (
+            constants.MODEL_COPIES_IN_MEMORY
+            + self.download_threads
+            + self.held_updates * constants.HELD_UPDATE_COPIES[self.mode]
         )
+        needed = constants.LAMBDA_BASE_MEMORY_MB + self.max_model_mb * copies
         return max(constants.LAMBDA_MIN_MEMORY_MB, 64 * math.ceil(needed / 64))
 
     @property
@@ -210,7 +233,7 @@ class DeploymentConfig(pydantic.BaseModel):
         chosen = registry.create(
             self.aggregator, self.aggregator_params, mode=self.mode, num_clients=len(self.clients)
         )
-        needed = chosen.min_clients
+        needed = chosen.min_clients if self.mode == "async" else 1
         if needed > len(self.clients):
             raise PluginError(
                 f"aggregator {self.aggregator!r} needs at least {needed} clients (each has one update "

@@ -67,6 +67,8 @@ MAX_CONFLICT_RETRIES = 8
 # record (the update's, and its object's: see ``digest_sk``).
 MAX_RECORDS_PER_COMMIT = 49
 STATE_KEY = "state"
+# A buffer of K float64 deltas of a float32 model is 2K model sizes (K is at most a few tens).
+BUFFER_SIZE_FACTOR = 64
 
 
 def _now() -> str:
@@ -474,10 +476,13 @@ class _RunBatch:
         key = state.get("buffer_key")
         if not key or not int(state.get("buffered", 0)):
             return None
+        # The buffer is the server's own (clients cannot write runs/*/state/): a robust aggregator's
+        # holds K float64 deltas, so it may be many times one model's size limit.
+        limit = BUFFER_SIZE_FACTOR * self.store.settings.max_model_bytes
         data = self.store.cached_blob(str(key))
         if data is None:
-            data = self.store.get_bytes(str(key))
-        arrays, meta = decode(data, max_bytes=self.store.settings.max_model_bytes)
+            data = self.store.get_bytes(str(key), limit)
+        arrays, meta = decode(data, max_bytes=limit)
         return AsyncState(arrays=arrays, values=json.loads(meta.get("values", "{}")))
 
     # ---- the commit ---------------------------------------------------------------------------

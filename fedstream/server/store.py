@@ -89,16 +89,18 @@ class Store:
         self._lock = threading.Lock()
 
     # ---- S3 -------------------------------------------------------------------------------
-    def get_bytes(self, key: str) -> bytes:
-        return self.get_object(key)[0]
+    def get_bytes(self, key: str, limit: int | None = None) -> bytes:
+        return self.get_object(key, limit=limit)[0]
 
-    def get_object(self, key: str, version_id: str | None = None) -> tuple[bytes, str | None]:
+    def get_object(
+        self, key: str, version_id: str | None = None, *, limit: int | None = None
+    ) -> tuple[bytes, str | None]:
         """An object's bytes and S3 version id (None on an unversioned bucket).
 
         With ``version_id``, exactly that version: immutable, so bytes checked once need no
-        second check.
+        second check. Objects over ``limit`` bytes (default: ``max_model_bytes``) are refused.
         """
-        limit = self.settings.max_model_bytes
+        limit = limit or self.settings.max_model_bytes
         kwargs = {"VersionId": version_id} if version_id else {}
         try:
             response = self.s3.get_object(Bucket=self.settings.bucket, Key=key, **kwargs)

@@ -110,6 +110,34 @@ def test_a_record_for_a_closed_round_is_refused_before_its_object_is_read(
     assert rejections(capsys) == {"round_closed": 1}
 
 
+@pytest.mark.parametrize("aggregator", ["fedavg", "median", "krum"])
+def test_a_sign_flipped_update_with_a_huge_example_count(
+    world: SyncWorld, monkeypatch: pytest.MonkeyPatch, aggregator: str
+) -> None:
+    # GIVEN site-1 trains, then flips its delta x10 (-10 where honest clients move +2 and +4) and
+    # claims 10**9 examples: in bounds (10 < 10 x the median norm 4), so neither refused nor ignored
+    monkeypatch.setenv("FEDSTREAM_AGGREGATOR", aggregator)
+    items = [
+        world.record("site-1", shifted(world, -10.0), num_examples=10**9),
+        world.record("site-2", shifted(world, 2.0), num_examples=30),
+        world.record("site-3", shifted(world, 4.0), num_examples=60),
+    ]
+
+    # WHEN the round closes
+    assert aggregate.lambda_handler(stream_event(*items), FakeContext()) == {"batchItemFailures": []}
+
+    # THEN FedAvg follows the attacker as far as its capped count lets it (240 of 330 examples),
+    # while median and Krum stay at an honest update's value (the run without the attacker: +3)
+    version, weights = model(world)
+    assert version == 1
+    shift = float(np.mean(weights["dense/bias"] - world.base["dense/bias"]))
+    if aggregator == "fedavg":
+        assert shift == pytest.approx((-10.0 * 240 + 2.0 * 30 + 4.0 * 60) / 330, rel=1e-5)
+    else:
+        assert_shifted(weights, world, 2.0)
+        assert abs(shift - 3.0) <= 1.0 + 1e-5
+
+
 def open_round(world: SyncWorld, number: int, *, version: int) -> None:
     """What the state machine's OpenRound and the finalize function's token recording write."""
     world.store.runs.put_item(

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
 
+from fedstream.registry import default_registry
 from fedstream.settings import HandlerSettings
 from stacks.fedstream_stack import ConfigError, DeploymentConfig
 from tests.infrastructure.conftest import REPO_ROOT, feature_flags
@@ -130,6 +132,52 @@ def test_memory_grows_with_the_model():
     small, large = config(max_model_mb="10"), config(max_model_mb="500")
     assert small.memory_mb == 1024
     assert large.memory_mb >= 500 * 8 and large.memory_mb % 64 == 0
+
+
+def test_aggregators_that_hold_every_update_are_sized_for_them():
+    clients = ",".join(f"site-{i}" for i in range(10))
+    # fedavg streams: the global, the sum, the mean, the encoded version and 4 downloads in flight
+    assert config(clients=clients).memory_mb == 64 * math.ceil((512 + 100 * 8) / 64) == 1344
+    # sync median holds all 10 clients' updates as downloaded (1x the model each)
+    sync = config(clients=clients, aggregator="median")
+    assert sync.held_updates == 10
+    assert sync.memory_mb == 64 * math.ceil((512 + 100 * (8 + 10)) / 64)
+    # async krum holds K = 4 float64 deltas, and the host holds the new and previous state blobs
+    buffered = config(
+        mode="async", clients=clients, aggregator="krum", aggregator_params='{"buffer_size": 4}'
+    )
+    assert buffered.held_updates == 4
+    assert buffered.memory_mb == 64 * math.ceil((512 + 100 * (8 + 6 * 4)) / 64)
+    assert config(mode="async", aggregator="fedbuff", clients=clients).held_updates == 0
+
+
+@pytest.mark.parametrize(
+    ("aggregator", "params", "clients"),
+    [
+        ("median", "{}", 3),
+        ("trimmed-mean", "{}", 10),
+        ("krum", '{"f": 2}', 40),
+        ("trimmed-mean", '{"buffer_size": 3}', 10),
+        ("krum", '{"buffer_size": "7"}', 10),  # a string from -c, parsed as the aggregator parses it
+    ],
+)
+def test_the_sized_buffer_is_the_buffer_the_aggregator_keeps(aggregator, params, clients):
+    chosen = config(
+        mode="async",
+        aggregator=aggregator,
+        aggregator_params=params,
+        clients=",".join(f"site-{i}" for i in range(clients)),
+    )
+    kept = default_registry().create(aggregator, chosen.aggregator_params, mode="async", num_clients=clients)
+    assert chosen.held_updates == kept.buffer_size
+
+
+def test_too_many_held_updates_say_what_to_lower():
+    many = ",".join(f"site-{i}" for i in range(90))
+    message = error_of(aggregator="median", clients=many)
+    assert "median holding 90 updates at once" in message and "fewer clients" in message
+    message = error_of(mode="async", aggregator="krum", aggregator_params='{"buffer_size": 20}')
+    assert "krum holding 20 updates at once" in message and "a smaller buffer_size" in message
 
 
 def test_the_handler_environment_round_trips_through_handler_settings():

@@ -11,7 +11,7 @@ from aws_cdk.assertions import Match
 
 from fedstream.settings import ClientSettings, HandlerSettings
 from stacks import constants
-from tests.infrastructure.conftest import CLIENTS, Synth, render
+from tests.infrastructure.conftest import CLIENTS, Synth, render, synthesize
 
 
 def only(resources: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -231,6 +231,16 @@ def test_functions_are_sized_traced_and_on_the_stated_runtime(synth: Synth):
         assert props["Timeout"] >= 300
         assert props["TracingConfig"] == {"Mode": "Active"}
         assert "LoggingConfig" in props
+
+
+def test_functions_get_memory_for_an_aggregator_that_holds_every_update(sync_synth: Synth, tmp_path):
+    # GIVEN the sync deployment again, with median keeping each of the 3 clients' updates of a round
+    robust = synthesize("sync", tmp_path, aggregator="median", aggregator_params="{}")
+
+    sizes = {f["Properties"]["MemorySize"] for f in robust.resources("AWS::Lambda::Function").values()}
+    # THEN every function gets 3 more model sizes (max_model_mb 100) than a streaming aggregator's
+    assert sizes == {robust.stack.config.memory_mb}
+    assert robust.stack.config.memory_mb >= sync_synth.stack.config.memory_mb + 3 * 100
 
 
 def test_function_environment_is_the_handler_settings(synth: Synth):

@@ -92,13 +92,13 @@ def test_a_drop_in_file_is_discovered(tmp_path):
 
         @hookimpl
         def register_aggregators(register):
-            register("trimmed-mean", lambda params, ctx: Aggregator(), params=Params, description="trims")
+            register("winsorized-mean", lambda params, ctx: Aggregator(), params=Params, description="trims")
         """,
     )
 
     registry = build_registry(get_plugin_manager(plugin_dirs=[tmp_path]))
 
-    info = registry.info("trimmed-mean")
+    info = registry.info("winsorized-mean")
     assert info.source == f"drop-in file {path}"
     assert info.parameters()[0]["name"] == "trim"
     assert set(registry.names()) >= BUILT_INS
