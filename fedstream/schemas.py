@@ -108,13 +108,18 @@ class TrainingComplete(_Strict):
 
 
 class FinalizeRequest(_Strict):
-    """Sent by the state machine to the finalize queue when a round's deadline passed."""
+    """Sent by the state machine to the finalize queue when a round's deadline passed.
+
+    ``finalize_id`` is the random id the state machine wrote on the round item just before
+    (``MarkDeadline``); the handler acts only on a request that carries the round's own id.
+    """
 
     type: Literal["finalize"] = "finalize"
     run_id: Identifier
     round: int = Field(ge=1)
     version: int = Field(ge=0)
-    task_token: str
+    finalize_id: str = Field(min_length=16, max_length=128)
+    task_token: str = Field(min_length=1, max_length=2048)
 
 
 Message = Annotated[ModelReady | TrainingComplete, Field(discriminator="type")]

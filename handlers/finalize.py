@@ -4,6 +4,10 @@ Two kinds of message arrive here: the state machine's "the round's deadline pass
 round with a quorum, or fail it), and, through this queue's subscription to the model topic, every
 "global model ready" the state machine published, whose task token is recorded on the round. So
 the server learns each round's token from the state machine itself, never from a client.
+
+A finalize request is acted on only if it carries the id the state machine wrote on the round when
+its deadline passed, with the first task token seen with that id (``sync.check_finalize_request``).
+Any other request is refused: a warning and an ``UpdatesRejected{reason}`` metric, nothing else.
 """
 
 from __future__ import annotations
@@ -51,9 +55,20 @@ def record_handler(record: SQSRecord) -> None:
             )
             logger.info("round token recorded" if recorded else "round token already known")
         return
-    result = sync.finalize_round(
-        store_for(settings), settings, default_registry(), request.run_id, request.round, request.task_token
-    )
+    try:
+        result = sync.finalize_round(
+            store_for(settings),
+            settings,
+            default_registry(),
+            request.run_id,
+            request.round,
+            request.task_token,
+            finalize_id=request.finalize_id,
+        )
+    except sync.FinalizeRefused as exc:
+        # Neither the id nor the token is logged: both are secrets of the round.
+        count_rejection(exc.reason, message="finalize request refused", detail=str(exc))
+        return
     if result.closed is not None:
         emit_round_closed(result.closed)
     elif result.outcome == "quorum_not_reached":

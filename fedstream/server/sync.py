@@ -818,7 +818,7 @@ def check_finalize_request(
     ``finalize_id`` (a fresh random id) once the round's wait timed out (``MarkDeadline``), just
     before it sent this id with its finalize token to the queue. So a request must
 
-    1. name a round that exists (``unknown_round``);
+    1. name a round that exists (``finalize_unknown_round``);
     2. come after the round's deadline: the state machine marked it, and the deadline has passed by
        this clock too (``before_deadline``);
     3. carry the round's own ``finalize_id`` (``finalize_id_mismatch``): a request for another round
@@ -830,7 +830,9 @@ def check_finalize_request(
     """
     item = store.round_item(run_id, round_number)
     if item is None:
-        raise FinalizeRefused("unknown_round", f"round {round_number} of run {run_id} does not exist")
+        raise FinalizeRefused(
+            "finalize_unknown_round", f"round {round_number} of run {run_id} does not exist"
+        )
     if not item.get("finalize_id"):
         raise FinalizeRefused(
             "before_deadline", f"the state machine has not marked the deadline of round {round_number}"

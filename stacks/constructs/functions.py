@@ -24,6 +24,7 @@ from constructs import Construct
 
 from stacks import constants
 from stacks.constructs.encryption import EncryptionKey
+from stacks.constructs.messaging import only_these_publish
 from stacks.constructs.nag import acknowledge, add_statement
 
 _S3_WILDCARD_REASON = (
@@ -133,6 +134,9 @@ class Functions(Construct):
                 constants.ASYNC_STREAM_BATCH_SIZE,
                 parallelization_factor=constants.ASYNC_PARALLELIZATION_FACTOR,
             )
+            # In async mode this function publishes, and an operator's ``start_run`` (version 0).
+            assert update.role is not None
+            only_these_publish(topic, [update.role], tagged_operators=True)
 
     # -- permissions ---------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from aws_cdk import Duration
+from aws_cdk import Aws, Duration
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_sns as sns
@@ -23,6 +23,10 @@ class Messaging(Construct):
     this topic only. ``finalize_queue`` (sync mode only) carries the state machine's "the round's
     deadline passed" to the finalize function. ``stream_failures`` receives the records the stream
     handlers gave up on. Every queue and the topic are encrypted with the stack key, TLS only.
+
+    Who may publish to the topic (``only_these_publish``) and send to the finalize queue
+    (``only_these_request_finalize``) is known once the state machine's or the async function's
+    role exists: those constructs call the two functions below.
     """
 
     def __init__(
@@ -131,3 +135,57 @@ class Messaging(Construct):
         )
         if allowed.policy_dependable is not None:
             subscription.node.add_dependency(allowed.policy_dependable)
+
+
+# An operator (a role or user of this account) tagged with this key and the stack's name may publish
+# to the topic in async mode, where there is no state machine and ``start_run`` publishes version 0.
+OPERATOR_PUBLISHER_TAG = "fedstream-publisher"
+
+
+def only_these_publish(
+    topic: sns.ITopic, publishers: Sequence[iam.IRole], *, tagged_operators: bool = False
+) -> None:
+    """Deny ``sns:Publish`` on the topic to every principal but ``publishers``.
+
+    Call once per topic: a second deny statement would leave no one able to publish. With
+    ``tagged_operators``, principals tagged ``fedstream-publisher=<stack name>`` may publish too.
+    A message on this topic reaches every client queue and the finalize queue's subscription.
+    """
+    conditions: dict[str, dict[str, object]] = {
+        "ArnNotEquals": {"aws:PrincipalArn": [role.role_arn for role in publishers]}
+    }
+    if tagged_operators:
+        conditions["StringNotEquals"] = {f"aws:PrincipalTag/{OPERATOR_PUBLISHER_TAG}": Aws.STACK_NAME}
+    topic.add_to_resource_policy(
+        iam.PolicyStatement(
+            sid="OnlyTheServerPublishes",
+            effect=iam.Effect.DENY,
+            principals=[iam.AnyPrincipal()],
+            actions=["sns:Publish"],
+            resources=[topic.topic_arn],
+            conditions=conditions,
+        )
+    )
+
+
+def only_these_request_finalize(queue: sqs.IQueue, topic: sns.ITopic, senders: Sequence[iam.IRole]) -> None:
+    """Deny ``sqs:SendMessage`` on the finalize queue to all but ``senders`` and the topic's delivery.
+
+    SNS delivers with no principal ARN and the topic as ``aws:SourceArn``; a direct caller has no
+    source ARN. Both conditions must hold to deny, so either one admits a message.
+    """
+    queue.add_to_resource_policy(
+        iam.PolicyStatement(
+            sid="OnlyTheStateMachineAndTheTopicSend",
+            effect=iam.Effect.DENY,
+            principals=[iam.AnyPrincipal()],
+            actions=["sqs:SendMessage"],
+            resources=[queue.queue_arn],
+            conditions={
+                "ArnNotEquals": {
+                    "aws:PrincipalArn": [role.role_arn for role in senders],
+                    "aws:SourceArn": topic.topic_arn,
+                }
+            },
+        )
+    )

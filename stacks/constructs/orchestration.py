@@ -13,6 +13,7 @@ from constructs import Construct
 
 from stacks import constants
 from stacks.constructs.encryption import EncryptionKey
+from stacks.constructs.messaging import only_these_publish, only_these_request_finalize
 from stacks.constructs.nag import acknowledge, add_statement
 
 
@@ -70,6 +71,9 @@ class Orchestration(Construct):
             ),
         )
         add_statement(self.role, encryption.use_via("dynamodb", "sns", "sqs"))
+        # In sync mode this role is the only publisher, and the only direct sender of finalize requests.
+        only_these_publish(topic, [self.role])
+        only_these_request_finalize(finalize_queue, topic, [self.role])
         self.state_machine = sfn.StateMachine(
             self,
             "Rounds",
