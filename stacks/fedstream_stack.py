@@ -22,6 +22,7 @@ from aws_cdk import aws_logs as logs
 from cdk_nag import AwsSolutionsChecks
 from constructs import Construct
 
+from fedstream.bounds import InfluenceBounds
 from fedstream.registry import AggregatorRegistry, PluginError, default_registry
 from fedstream.schemas import IDENTIFIER
 from fedstream.settings import ClientSettings, HandlerSettings
@@ -64,6 +65,9 @@ class DeploymentConfig(pydantic.BaseModel):
     )
     aggregator: str = pydantic.Field(description="a registered aggregator (fedstream plugins list)")
     aggregator_params: dict[str, Any] = pydantic.Field(default_factory=dict, description="JSON object")
+    bounds: InfluenceBounds = pydantic.Field(
+        default_factory=InfluenceBounds, description="JSON: influence bounds (docs/security.md §6a)"
+    )
     clients: tuple[str, ...] = pydantic.Field(min_length=1, description="comma-separated client ids")
     client_trust: dict[str, ClientTrust] = pydantic.Field(
         default_factory=dict, description="JSON: client id -> who may assume its role (default: this account)"
@@ -113,7 +117,7 @@ class DeploymentConfig(pydantic.BaseModel):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
 
-    @pydantic.field_validator("aggregator_params", "client_trust", mode="before")
+    @pydantic.field_validator("aggregator_params", "client_trust", "bounds", mode="before")
     @classmethod
     def _parse_json(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -268,6 +272,7 @@ class DeploymentConfig(pydantic.BaseModel):
             mode=self.mode,
             aggregator=self.aggregator,
             aggregator_params=self.aggregator_params,
+            bounds=self.bounds,
             client_ids=self.clients,
             min_clients=self.quorum,
             max_model_bytes=self.max_model_mb * 2**20,

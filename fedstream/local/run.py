@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from fedstream import faults, keys
+from fedstream.bounds import InfluenceBounds
 from fedstream.cli import CliError
 from fedstream.local.clients import Client, ThreadClient, process_client, stop_clients, wait_until_ready
 from fedstream.local.embedded import EmbeddedAWS, Resources, create_resources
@@ -56,7 +57,8 @@ class LocalRunConfig:
     batch_size: int = 32
     learning_rate: float | None = None
     progress: bool = True
-    client_timeout: float = 600.0
+    client_timeout: float = 600.0  # how long finished clients get to exit before they are stopped
+    startup_timeout: float = 600.0  # how long clients get to load their data and model
     updates: int = 20
     max_seconds: float = 0.0
     # "process": one `fedstream client` process each; "thread": clients share this process (load tests)
@@ -64,6 +66,10 @@ class LocalRunConfig:
     visibility_timeout: int = 300
     # fault specs (fedstream.local.faults), e.g. "aggregate.after_flip", "kill:site-2:1"
     faults: tuple[str, ...] = ()
+    # how far one client's update may move the model (fedstream.bounds); InfluenceBounds.off() for none
+    bounds: InfluenceBounds = field(default_factory=InfluenceBounds)
+    # client id -> attack spec (fedstream.local.attack), e.g. {"site-4": "sign-flip:10"}
+    attackers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -108,6 +114,8 @@ class RunSummary:
     faults_injected: dict[str, int] = field(default_factory=dict)
     # async: staleness, stream wait and updates in flight over the whole run (async_stats.run_summary)
     async_stats: dict[str, Any] = field(default_factory=dict)
+    # client -> reason -> rejected updates, from the handlers' "update rejected" warnings
+    rejected_by_client: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def accuracies(self) -> list[float]:
@@ -161,12 +169,14 @@ def run_local(config: LocalRunConfig) -> RunSummary:
     chosen = registry.create(
         config.aggregator, config.params, seed=config.seed, mode=config.mode, num_clients=config.clients
     )
-    if chosen.min_clients > config.clients:
+    if config.mode == "async" and chosen.min_clients > config.clients:
         raise CliError(
             f"{config.aggregator} needs at least {chosen.min_clients} clients to make progress "
             f"(each has one update in flight, and one refused update must not stall the run), "
             f"got {config.clients}"
         )
+    client_ids = [f"site-{i + 1}" for i in range(config.clients)]
+    _check_attackers(config, client_ids)
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "clients").mkdir(exist_ok=True)
@@ -175,7 +185,6 @@ def run_local(config: LocalRunConfig) -> RunSummary:
     for noisy in ("moto", "werkzeug", "botocore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
     run_id = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    client_ids = [f"site-{i + 1}" for i in range(config.clients)]
     min_clients = config.min_clients or config.clients
     plan = FaultPlan.parse(config.faults, client_ids)
     if (plan.kills or plan.hangs) and config.client_runtime != "process":
@@ -194,6 +203,7 @@ def run_local(config: LocalRunConfig) -> RunSummary:
             client_ids=tuple(client_ids),
             min_clients=min_clients,
             seed=config.seed,
+            bounds=config.bounds,
         )
         os.environ.update(settings.to_env())
         service_faults = ServiceFaults(plan)
@@ -210,7 +220,7 @@ def run_local(config: LocalRunConfig) -> RunSummary:
         clients = _start_clients(aws, resources, config, client_ids, out)
         client_faults = ClientFaults(plan, clients)
         try:
-            wait_until_ready(clients, timeout=config.client_timeout)
+            wait_until_ready(clients, timeout=config.startup_timeout)
         except CliError:
             stop_clients(clients, 0)
             raise
@@ -272,6 +282,7 @@ def run_local(config: LocalRunConfig) -> RunSummary:
         final_version=final_version,
         wall_seconds=wall,
         rejected=_rejections(out / "logs.jsonl"),
+        rejected_by_client=_rejections_by_client(out / "logs.jsonl"),
         client_exit_codes=codes,
         out=out,
         counts=counts,
@@ -403,10 +414,14 @@ def _start_pollers(
 def _start_clients(
     aws: EmbeddedAWS, resources: Resources, config: LocalRunConfig, client_ids: list[str], out: Path
 ) -> dict[str, Client]:
+    from fedstream.local.attack import TRAINER_SPEC as attack_trainer
+    from fedstream.local.attack import attacker_env
+
     clients: dict[str, Client] = {}
     max_idle = max(config.round_timeout * 2, 120)
     for index, client_id in enumerate(client_ids):
         straggler = index >= config.clients - config.stragglers
+        attack = config.attackers.get(client_id)
         log_path = out / "clients" / f"{client_id}.log"
         log_path.unlink(missing_ok=True)
         if config.client_runtime == "thread":
@@ -424,7 +439,7 @@ def _start_clients(
             "--endpoint-url",
             aws.endpoint,
             "--trainer",
-            config.trainer,
+            config.trainer if attack is None else attack_trainer,
             "--dataset",
             config.dataset,
             "--partition",
@@ -449,7 +464,9 @@ def _start_clients(
             arguments += ["--learning-rate", str(config.learning_rate)]
         if straggler:
             arguments += ["--slowdown", str(config.straggler_factor), "--delay", str(config.straggler_delay)]
-        clients[client_id] = process_client(client_id, arguments, log_path)
+        # An attacker is an ordinary client process whose trainer lies (fedstream.local.attack).
+        env = None if attack is None else attacker_env(attack, config.trainer, config.learning_rate)
+        clients[client_id] = process_client(client_id, arguments, log_path, env)
     for client in clients.values():
         client.start()
     return clients
@@ -480,6 +497,10 @@ def _thread_client(
         batch_size=config.batch_size,
         learning_rate=config.learning_rate,
     )
+    if client_id in config.attackers:
+        from fedstream.local.attack import AttackTrainer
+
+        trainer = AttackTrainer(trainer, config.attackers[client_id])
     if straggler and (config.straggler_factor > 1.0 or config.straggler_delay > 0):
         trainer = SlowTrainer(trainer, config.straggler_factor, config.straggler_delay)
     settings = ClientSettings(
@@ -622,10 +643,44 @@ def _rejections(log_path: Path) -> dict[str, int]:
     return metric_counts(log_path.read_text(), "UpdatesRejected", "reason") if log_path.exists() else {}
 
 
+def _rejections_by_client(log_path: Path) -> dict[str, dict[str, int]]:
+    from fedstream.local.logs import rejections_by_client
+
+    return rejections_by_client(log_path.read_text()) if log_path.exists() else {}
+
+
+def _check_attackers(config: LocalRunConfig, client_ids: list[str]) -> None:
+    """Every attacker is one of the run's clients with an attack spec that parses (before anything starts)."""
+    from fedstream.local.attack import AttackSpecError, parse_attack
+
+    unknown = sorted(set(config.attackers) - set(client_ids))
+    if unknown:
+        raise CliError(f"attackers {unknown} are not clients of this run ({client_ids[0]}..{client_ids[-1]})")
+    for client_id, spec in config.attackers.items():
+        try:
+            parse_attack(spec)
+        except AttackSpecError as exc:
+            raise CliError(f"attack of {client_id}: {exc}") from None
+
+
+def _config_json(config: LocalRunConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in LocalRunConfig.__dataclass_fields__:
+        value = getattr(config, name)
+        if isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, InfluenceBounds):
+            value = value.model_dump()
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[name] = value
+    return out
+
+
 def _write_outputs(summary: RunSummary, config: LocalRunConfig) -> None:
     out = summary.out
     rows = [asdict(r) for r in summary.rounds]
-    config_json = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+    config_json = _config_json(config)
     (out / "metrics.json").write_text(
         json.dumps(
             {
@@ -636,6 +691,7 @@ def _write_outputs(summary: RunSummary, config: LocalRunConfig) -> None:
                 "final_version": summary.final_version,
                 "initial_test_accuracy": summary.initial_accuracy,
                 "rejected": summary.rejected,
+                "rejected_by_client": summary.rejected_by_client,
                 "counts": summary.counts,
                 "handlers": summary.handlers,
                 "faults_injected": summary.faults_injected,

@@ -236,3 +236,25 @@ def test_a_runs_own_bounds_apply_over_the_deployments(
     assert metric_counts(out, "UpdatesRejected", "reason") == {"norm_bound": 1}
     assert "max_update_norm 0.5" in out
     assert world.run_state()["applied"] == 1
+
+
+def test_a_sync_runs_own_bounds_apply_over_the_deployments(
+    world: SyncWorld, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a sync run whose input set its own absolute bound (InitRun stores it on the run state)
+    own = InfluenceBounds(max_update_norm=1.0).model_dump_json(exclude_unset=True)
+    world.store.conditional_update(
+        {"run_id": world.run_id, "sk": "state"}, "SET bounds = :b", "attribute_exists(run_id)", {":b": own}
+    )
+    # WHEN a round brings one update moving every weight by 1 and two moving them by 1e-3
+    items = [
+        world.record("site-1", shifted(world, 1.0)),
+        world.record("site-2", shifted(world, 1e-3)),
+        world.record("site-3", shifted(world, 1e-3)),
+    ]
+    aggregate.lambda_handler(stream_event(*items), FakeContext())
+
+    # THEN the first is left out by the run's bound and the round closes with the other two
+    out = capsys.readouterr().out
+    assert metric_counts(out, "UpdatesRejected", "reason") == {"norm_bound": 1}
+    assert model(world)[0] == 1 and "max_update_norm 1" in out
