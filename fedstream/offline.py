@@ -5,7 +5,12 @@
         u1.safetensors:600 u2.safetensors:400
     fedstream aggregate --aggregator fedbuff --global g.safetensors --version 7 \\
         u1.safetensors:600:7 u2.safetensors:400:5 --base 5=v5.safetensors -o new.safetensors
+    fedstream aggregate ... --bound norm_factor=20 --bound max_update_norm=5    # or --no-bounds
     fedstream privacy --noise-multiplier 1.1 --sample-rate 0.1 --rounds 100 --delta 1e-5
+
+``aggregate`` applies the server's influence bounds (``fedstream.bounds``) and refuses what the
+server refuses; each refused update is one line on stderr, ``refused PATH: REASON (DETAIL)``, and
+the command succeeds when at least one update was aggregated.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import argparse
 import functools
 import json
 import math
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,11 +30,31 @@ import pydantic
 
 from fedstream import hookspecs
 from fedstream.aggregation import AggregationError, AsyncState, ClientUpdate, RoundContext, Scalar
+from fedstream.bounds import (
+    InfluenceBounds,
+    OutOfBounds,
+    admit_round,
+    check_change,
+    check_norm,
+    delta_norm,
+    remember_norm,
+)
 from fedstream.cli import CliError, parse_params
 from fedstream.registry import AggregatorInfo, AggregatorRegistry, build_registry
-from fedstream.weights import ModelSpec, Weights, load_file, save_file
+from fedstream.weights import (
+    DEFAULT_MAX_BYTES,
+    ModelSpec,
+    Weights,
+    WireFormatError,
+    all_finite,
+    decode,
+    load_file,
+    save_file,
+    sha256_hex,
+)
 
 CREATOR = "fedstream aggregate"
+BOUND_NAMES = ", ".join(InfluenceBounds.model_fields)
 SPEC_MARK = f"{hookspecs.PROJECT}_spec"
 Command = Callable[[argparse.Namespace], int]
 
@@ -45,7 +71,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="aggregate client updates into a new global model, offline",
         description="Sync aggregators take updates as PATH:NUM_EXAMPLES and run one round. Async aggregators "
         "take PATH:NUM_EXAMPLES:BASE_VERSION and apply them in order; an update's base weights come from "
-        "--base VERSION=PATH, or are the --global weights when its base version is the global's version.",
+        "--base VERSION=PATH, or are the --global weights when its base version is the global's version. "
+        "The server's influence bounds apply, on by default: an update identical to its base is refused "
+        "(no_change), one whose delta norm is over norm_factor x the median of the others (sync: every "
+        "update given; async: the last `window` taken, once there are min_reference) or over "
+        "max_update_norm is refused (norm_bound), and example counts are capped. Each refused update is "
+        "one line on stderr, 'refused PATH: REASON (DETAIL)'; the command fails only when none is "
+        "aggregated. An async update whose base version's weights are not given is measured against "
+        "the model it is applied to.",
     )
     aggregate.add_argument("--aggregator", required=True, help="name, see `fedstream plugins list`")
     aggregate.add_argument("--param", action="append", metavar="KEY=VALUE", help="aggregator parameter")
@@ -68,6 +101,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="async: weights of an older global version that updates were trained from",
     )
     aggregate.add_argument("--mode", choices=("sync", "async"), help="for aggregators that run in both modes")
+    aggregate.add_argument(
+        "--bound",
+        action="append",
+        metavar="NAME=VALUE",
+        help=f"an influence bound, e.g. norm_factor=20, max_update_norm=5 (none: off); names: {BOUND_NAMES}",
+    )
+    aggregate.add_argument(
+        "--no-bounds",
+        action="store_true",
+        help="turn the relative bounds off (norm_factor=0, example_factor=0); a --bound still applies",
+    )
     aggregate.set_defaults(func=_user_errors(aggregate_files))
 
     privacy = subparsers.add_parser(
@@ -107,7 +151,11 @@ def _user_errors(command: Command) -> Command:
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
+    return _one_line_text(str(exc))
+
+
+def _one_line_text(text: str) -> str:
+    return " ".join(text.split())
 
 
 # --- plugins list -------------------------------------------------------------------------------
@@ -166,15 +214,65 @@ def aggregate_files(args: argparse.Namespace) -> int:
     registry = build_registry()
     info = registry.info(args.aggregator)
     mode = args.mode or ("sync" if "sync" in info.modes else "async")
+    bounds = _parse_bounds(args.bound, off=args.no_bounds)
     global_weights, global_metadata = load_file(args.global_path)
     version = args.version if args.version is not None else _metadata_version(global_metadata)
     params = parse_params(args.param)
+    refusals = Refusals()
     if mode == "sync":
-        report = _aggregate_round(registry, args, params, global_weights, version)
+        report = _aggregate_round(registry, args, params, global_weights, version, bounds, refusals)
     else:
-        report = _apply_in_order(registry, args, params, global_weights, version)
+        report = _apply_in_order(registry, args, params, global_weights, version, bounds, refusals)
+    report["bounds"] = bounds.model_dump()
+    report["refused"] = refusals.listed()
     print(json.dumps(_jsonable(report), indent=2))
     return 0
+
+
+class Refusals:
+    """Updates left out, each reported on stderr as ``refused PATH: REASON (DETAIL)`` when refused."""
+
+    def __init__(self) -> None:
+        self.refused: list[dict[str, str]] = []
+
+    def add(self, update: str, reason: str, detail: str) -> None:
+        self.refused.append({"update": update, "reason": reason, "detail": detail})
+        print(f"refused {update}: {reason} ({_one_line_text(detail)})", file=sys.stderr, flush=True)
+
+    def listed(self) -> list[dict[str, str]]:
+        return self.refused
+
+    def none_aggregated(self, count: int) -> CliError:
+        return CliError(f"no update was aggregated: all {count} were refused (see the lines above)")
+
+
+def _parse_bounds(pairs: list[str] | None, *, off: bool) -> InfluenceBounds:
+    """``--bound NAME=VALUE`` options (``none``: an absolute bound off) over the defaults, or ``off()``."""
+    values = InfluenceBounds.off().model_dump(exclude_defaults=True) if off else {}
+    for pair in pairs or ():
+        name, sep, text = (part.strip() for part in pair.partition("="))
+        if not sep or not name or not text:
+            raise CliError(f"--bound expects NAME=VALUE, got {pair!r}")
+        if name not in InfluenceBounds.model_fields:
+            raise CliError(f"--bound {name}: unknown bound; known: {BOUND_NAMES}")
+        values[name] = None if text.lower() == "none" else text
+    try:
+        return InfluenceBounds.model_validate(values)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(
+            f"--bound {'.'.join(map(str, e['loc']))}={e['input']!r}: {e['msg']}" for e in exc.errors()
+        )
+        raise CliError(problems) from None
+
+
+def _read_update(path: Path, spec: ModelSpec) -> tuple[Weights, str]:
+    """An update's weights, checked against the global model's spec, and its sha256."""
+    size = path.stat().st_size
+    if size > DEFAULT_MAX_BYTES:
+        raise WireFormatError("too_large", f"{path} has {size} bytes, over the limit of {DEFAULT_MAX_BYTES}")
+    data = path.read_bytes()
+    weights, _ = decode(data, spec)
+    return weights, sha256_hex(data)
 
 
 def _aggregate_round(
@@ -183,18 +281,65 @@ def _aggregate_round(
     params: dict[str, str],
     global_weights: Weights,
     version: int,
+    bounds: InfluenceBounds,
+    refusals: Refusals,
 ) -> dict[str, Any]:
+    """One sync round, bounded as the server bounds it, in two passes over the files.
+
+    The first pass reads each update only for its delta norm (one update in memory at a time), so
+    that ``admit_round`` can judge every update against the round's median, as the server's close
+    does; the second reads the admitted ones again (the same bytes: the sha256 must match) and
+    hands them to the aggregator.
+    """
     if args.base:
         raise CliError("--base applies to async aggregators only")
     if args.round < 1:
         raise CliError(f"--round counts from 1, got {args.round}")
     aggregator = registry.create(args.aggregator, params, seed=args.seed, mode="sync")
     spec = ModelSpec.of(global_weights)
+    updates = [_parse_update(text, with_base_version=False)[:2] for text in args.updates]
+    paths: dict[str, Path] = {}
+    candidates: dict[str, tuple[float, int]] = {}  # in the order given
+    digests: dict[str, str] = {}
+    seen: dict[str, str] = {}  # sha256 -> the first update with those bytes
+    for path, num_examples in updates:
+        name = str(path)
+        try:
+            if name in candidates:
+                raise OutOfBounds("duplicate", f"{name} is given more than once")
+            weights, digest = _read_update(path, spec)
+            if digest in seen:
+                raise OutOfBounds("duplicate", f"the same bytes as {seen[digest]} (sha256 {digest})")
+            seen[digest] = name
+            norm = delta_norm(weights, global_weights)
+            del weights
+            check_change(norm, name)
+        except (WireFormatError, OutOfBounds) as exc:
+            refusals.add(name, exc.reason, str(exc))
+            continue
+        paths[name], candidates[name], digests[name] = path, (norm, num_examples), digest
+    admitted, refused = admit_round(bounds, candidates, global_weights)
+    for name, why in refused.items():
+        refusals.add(name, why.reason, str(why))
+
     aggregator.begin(global_weights, RoundContext(round=args.round, carry=_parse_carry(args.carry)))
-    for text in args.updates:
-        path, num_examples, _ = _parse_update(text, with_base_version=False)
-        weights, _ = load_file(path, spec)  # one update in memory at a time
-        aggregator.accept(ClientUpdate(path.stem, weights, num_examples, base_version=version))
+    accepted: list[dict[str, Any]] = []
+    for name in [name for name in candidates if name in admitted]:
+        path = paths[name]
+        try:
+            weights, digest = _read_update(path, spec)  # one update in memory at a time
+            if digest != digests[name]:
+                raise WireFormatError("changed", f"the file changed between the two reads (sha256 {digest})")
+        except WireFormatError as exc:
+            refusals.add(name, exc.reason, str(exc))
+            continue
+        aggregator.accept(ClientUpdate(path.stem, weights, admitted[name], base_version=version))
+        del weights
+        norm, given = candidates[name]
+        capped = {"given_examples": given} if given != admitted[name] else {}
+        accepted.append({"update": name, "num_examples": admitted[name], **capped, "delta_norm": norm})
+    if not accepted:
+        raise refusals.none_aggregated(len(updates))
     result = aggregator.finish()
     sha256 = _write(args, result.weights, version + 1, version, round=str(args.round))
     return {
@@ -208,6 +353,7 @@ def _aggregate_round(
         "metrics": result.metrics,
         "carry": result.carry,
         "stop": result.stop,
+        "updates": accepted,
     }
 
 
@@ -217,7 +363,10 @@ def _apply_in_order(
     params: dict[str, str],
     global_weights: Weights,
     version: int,
+    bounds: InfluenceBounds,
+    refusals: Refusals,
 ) -> dict[str, Any]:
+    """Updates applied one by one, each judged as the server's async batch judges it (``_judge``)."""
     if args.carry:
         raise CliError("--carry applies to sync aggregators only")
     aggregator = registry.create(args.aggregator, params, seed=args.seed, mode="async")
@@ -226,42 +375,73 @@ def _apply_in_order(
     bases: dict[int, Weights] = {version: global_weights}
     current, current_version = global_weights, version
     state: AsyncState | None = None
+    norms: list[float] = []  # the reference window: delta norms of the updates taken
+    seen: dict[str, str] = {}  # sha256 -> the first update with those bytes
     applied: list[dict[str, Any]] = []
     for text in args.updates:
         path, num_examples, base_version = _parse_update(text, with_base_version=True)
+        name = str(path)
         staleness = current_version - base_version
-        if staleness < 0:
-            raise CliError(f"{path} claims base version {base_version}, newer than version {current_version}")
-        limit = aggregator.max_staleness
-        if limit is not None and staleness > limit:
-            raise AggregationError("stale", f"{path} is {staleness} versions stale (max {limit})")
-        if base_version not in bases and base_version in base_paths:
-            bases[base_version], _ = load_file(base_paths[base_version], spec)
-        weights, _ = load_file(path, spec)
-        update = ClientUpdate(
-            path.stem, weights, num_examples, base_version=base_version, base_weights=bases.get(base_version)
-        )
         try:
+            if staleness < 0:
+                raise AggregationError(
+                    "future_base_version",
+                    f"claims base version {base_version}, newer than version {current_version}",
+                )
+            limit = aggregator.max_staleness
+            if limit is not None and staleness > limit:
+                raise AggregationError("stale", f"{staleness} versions stale (max {limit})")
+        except AggregationError as exc:
+            refusals.add(name, exc.reason, str(exc))
+            continue
+        if base_version not in bases and base_version in base_paths:  # a bad --base file is an error
+            bases[base_version], _ = load_file(base_paths[base_version], spec)
+        try:
+            weights, digest = _read_update(path, spec)
+            if digest in seen:
+                raise OutOfBounds("duplicate", f"the same bytes as {seen[digest]} (sha256 {digest})")
+            seen[digest] = name
+            norm = delta_norm(weights, bases.get(base_version, current))
+            check_change(norm, name)
+            check_norm(bounds, norm, norms, name)
+            update = ClientUpdate(
+                path.stem,
+                weights,
+                min(num_examples, bounds.max_examples or num_examples),
+                base_version=base_version,
+                base_weights=bases.get(base_version),
+            )
             result = aggregator.apply_async(current, update, staleness=staleness, state=state)
+            if result.weights is not None and not all_finite(result.weights):
+                raise AggregationError("non_finite", "applying it would make the model non-finite")
         except AggregationError as exc:
             if exc.reason == "missing_base_weights":
                 raise CliError(
                     f"{path} was trained from version {base_version}: pass --base "
                     f"{base_version}=PATH with that version's weights"
                 ) from None
-            raise
+            refusals.add(name, exc.reason, str(exc))
+            continue
+        except (WireFormatError, OutOfBounds) as exc:
+            refusals.add(name, exc.reason, str(exc))
+            continue
+        norms = remember_norm(bounds, norms, norm)
         state = result.state
         if result.weights is not None:
             current, current_version = result.weights, current_version + 1
             bases[current_version] = current  # later updates may have been trained from it
         applied.append(
             {
-                "update": str(path),
+                "update": name,
                 "staleness": staleness,
                 "new_version": current_version if result.weights is not None else None,
+                "num_examples": update.num_examples,
+                "delta_norm": norm,
                 "metrics": result.metrics,
             }
         )
+    if not applied:
+        raise refusals.none_aggregated(len(args.updates))
     pending = int(state.values.get("count", 0)) if state is not None else 0
     if current_version == version:
         raise CliError(f"no new version: {args.aggregator} only buffered the updates ({pending} pending)")

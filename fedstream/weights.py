@@ -1,9 +1,11 @@
 """The model wire format: safetensors bytes holding an ordered set of named float arrays.
 
 Decoding never executes anything. Before safetensors parses a byte of it, the payload is checked
-for the size limit and for the signatures of formats that can carry code (pickle, zip, ``.npy``).
-After parsing, every tensor is checked against the expected :class:`ModelSpec` (names, shapes,
-dtypes) and for NaN/Inf.
+for the size limit and for the signatures of formats that can carry code (pickle, zip, ``.npy``),
+and its JSON header against a budget (``header_budget``: bytes, and the objects, arrays and commas
+that bound how many values parsing can create), so that decoding costs about the payload plus the
+model, never a multiple of a crafted header. After parsing, every tensor is checked against the
+expected :class:`ModelSpec` (names, shapes, dtypes) and for NaN/Inf.
 
 A plain payload (float16/32/64 tensors laid out back to back, as ``encode`` writes them) decodes
 without a copy: its arrays are read-only numpy views into the payload's bytes, taken only after
@@ -19,6 +21,7 @@ import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +34,65 @@ Weights = dict[str, np.ndarray]
 ALLOWED_DTYPES = frozenset({"float16", "float32", "float64"})
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 _ORDER_KEY = "fedstream.tensor_order"
-_HEADER_LIMIT = 100 * 1024 * 1024
 _VIEW_DTYPES = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
 _U64_LIMIT = 2**64
+
+
+# --- header budget ---------------------------------------------------------------------------------
+# Parsing JSON costs far more memory than its text: CPython spends 50-100 bytes on each value of a
+# few bytes (a 10 MB header of short keys or empty arrays took 0.5-1.1 GB to decode), and
+# safetensors' own parser as much again. So a header is bounded before anything parses it: in
+# bytes, and in the objects/arrays (``{`` and ``[`` bytes) and commas it holds, which bound how many
+# values parsing can create (every value after the first of an object or array follows a comma,
+# and nesting deeper than the parsers' recursion limits fails cheaply). The counts include bytes
+# inside strings, so they over-count, never under-count.
+#
+# With a spec the budget is what ``encode`` writes for that model, with room to spare:
+# - per tensor, its entry ``"name":{"dtype":"F32","shape":[...],"data_offsets":[b,e]}`` and its
+#   name again in the tensor-order metadata (JSON inside a JSON string): at most 95 bytes of
+#   syntax plus 40 digits of offsets, so ``_TENSOR_ENTRY_BYTES``, plus ``_BYTES_PER_UNIT`` for each
+#   character of its name (6 bytes escaped in the entry, 14 in the order list for a non-BMP one)
+#   and each dimension (up to 20 digits and a comma); rank + 5 commas and 3 brackets, and twice
+#   any in its name;
+# - metadata: ``_METADATA_BYTES`` (1 MiB) with ``_METADATA_ITEMS`` commas and ``_METADATA_CONTAINERS``
+#   brackets. A client's update carries ~200 bytes of it; a global model the server writes carries
+#   its lineage (async "applied": ~80 bytes per "client#version" ref, as many refs as one version
+#   took: the buffer plus one batch, tens) or its round's accepted client ids (sync "clients", up
+#   to ~68 bytes each) and a metrics object: 1 MiB / 16,384 items is 12,000+ refs of 64-character
+#   client ids, or 16,384 shorter ones, far beyond any version or round so far. Clients decode
+#   global models against their spec, so this allowance must hold the largest server metadata.
+# Decoding then costs at most a few MB beyond the payload and the model, whatever the header holds.
+# Without a spec (the server's own objects, an operator's initial model) the bytes are bounded by
+# ``_HEADER_LIMIT``: 16 MiB holds ~60,000 tensors with 80-character names beside the 1 MiB of
+# metadata, more than any model under the 512 MiB payload limit has; safetensors' own limit is
+# 100 MB. Objects and arrays are then bounded by density: an entry holds 3 in 50+ bytes, so more
+# than one per ``_MIN_BYTES_PER_CONTAINER`` bytes is not a model's header (names full of brackets,
+# like ``['params']['w']`` key paths, stay under it).
+_HEADER_LIMIT = 16 * 1024 * 1024
+_METADATA_BYTES = 1024 * 1024
+_METADATA_ITEMS = 16_384
+_METADATA_CONTAINERS = 1024
+_TENSOR_ENTRY_BYTES = 256
+_BYTES_PER_UNIT = 24
+_COMMAS_PER_TENSOR = 5
+_CONTAINERS_PER_TENSOR = 3
+_MIN_BYTES_PER_CONTAINER = 8
+
+
+@dataclass(frozen=True)
+class HeaderBudget:
+    """The most a safetensors header may hold: bytes, commas (None: unbounded) and ``{``/``[``."""
+
+    max_bytes: int
+    max_commas: int | None
+    max_containers: int | None  # None: one per _MIN_BYTES_PER_CONTAINER bytes of the header
+
+
+def header_budget(spec: ModelSpec | None) -> HeaderBudget:
+    """The header budget for payloads of ``spec``'s model (see the comment above), or without one."""
+    if spec is None:
+        return HeaderBudget(_HEADER_LIMIT, None, None)
+    return spec.header_budget
 
 
 class WireFormatError(ValueError):
@@ -64,6 +123,17 @@ class ModelSpec:
     @property
     def num_parameters(self) -> int:
         return sum(int(np.prod(t.shape, dtype=np.int64)) for t in self.tensors)
+
+    @cached_property
+    def header_budget(self) -> HeaderBudget:
+        bytes_ = commas = containers = 0
+        for tensor in self.tensors:
+            bytes_ += _TENSOR_ENTRY_BYTES + _BYTES_PER_UNIT * (len(tensor.name) + len(tensor.shape))
+            commas += _COMMAS_PER_TENSOR + len(tensor.shape) + 2 * tensor.name.count(",")
+            containers += _CONTAINERS_PER_TENSOR + 2 * (tensor.name.count("[") + tensor.name.count("{"))
+        return HeaderBudget(
+            bytes_ + _METADATA_BYTES, commas + _METADATA_ITEMS, containers + _METADATA_CONTAINERS
+        )
 
     def check(self, weights: Mapping[str, np.ndarray]) -> None:
         expected = {t.name: t for t in self.tensors}
@@ -141,12 +211,7 @@ def _signature(data: bytes) -> str | None:
 def _check_structure(data: bytes) -> None:
     """Reject anything that is not a well-formed safetensors envelope, naming what it looks like."""
     header_len = struct.unpack("<Q", data[:8])[0] if len(data) >= 8 else None
-    well_formed = (
-        header_len is not None
-        and header_len <= _HEADER_LIMIT
-        and 8 + header_len <= len(data)
-        and data[8:9] == b"{"
-    )
+    well_formed = header_len is not None and 8 + header_len <= len(data) and data[8:9] == b"{"
     if well_formed:
         return
     kind = _signature(data)
@@ -157,6 +222,34 @@ def _check_structure(data: bytes) -> None:
             "truncated", f"safetensors header claims {header_len} bytes but the payload has {len(data)}"
         )
     raise WireFormatError("not_safetensors", f"payload of {len(data)} bytes is not safetensors")
+
+
+def _check_header_budget(data: bytes, header_len: int, spec: ModelSpec | None) -> None:
+    """Refuse a header over its budget (``header_budget``) before anything parses it: three byte counts."""
+    budget = header_budget(spec)
+    model = " for this model" if spec is not None else ""
+    if header_len > budget.max_bytes:
+        raise WireFormatError(
+            "header_too_large",
+            f"safetensors header of {header_len} bytes exceeds the limit of {budget.max_bytes}{model}",
+        )
+    end = 8 + header_len
+    containers = data.count(b"{", 8, end) + data.count(b"[", 8, end)
+    max_containers = budget.max_containers
+    if max_containers is None:
+        max_containers = _METADATA_CONTAINERS + header_len // _MIN_BYTES_PER_CONTAINER
+    if containers > max_containers:
+        raise WireFormatError(
+            "malformed",
+            f"payload is not valid safetensors: its header holds {containers} objects and arrays "
+            f"('{{' and '[' bytes), over the limit of {max_containers}{model}",
+        )
+    if budget.max_commas is not None and (commas := data.count(b",", 8, end)) > budget.max_commas:
+        raise WireFormatError(
+            "malformed",
+            f"payload is not valid safetensors: its header holds {commas} commas (values), over the "
+            f"limit of {budget.max_commas}{model}",
+        )
 
 
 def decode(
@@ -173,6 +266,10 @@ def decode(
     ``check_finite=False`` skips only the NaN/Inf scan, for bytes this process cannot have seen
     change since a full decode passed (a round close reads exactly the S3 object version its
     registration validated); every other check still runs.
+
+    Memory: the payload, the header within its budget parsed once (and by safetensors, after
+    Python's parse is freed, only when the payload is not plain), and a copy of the tensors only
+    when they are not plain.
     """
     if len(data) > max_bytes:
         raise WireFormatError("too_large", f"payload of {len(data)} bytes exceeds the limit of {max_bytes}")
@@ -180,18 +277,26 @@ def decode(
         raise WireFormatError("sha256_mismatch", "payload sha256 does not match the record")
     _check_structure(data)
     (header_len,) = struct.unpack("<Q", data[:8])
+    _check_header_budget(data, header_len, spec)
     try:
-        header = json.loads(data[8 : 8 + header_len])
-        arrays = _views(data, header_len)
+        header = _parse_header(data, header_len)
+        raw_metadata = header.get("__metadata__") if isinstance(header, dict) else None
+        arrays = None if header is None else _views(data, header_len, header)
         if arrays is None:
+            # Not plain: safetensors parses the header again and copies the tensors. Python's
+            # parse is let go first; only the metadata is kept (a header Python refused to parse
+            # strictly, with a duplicate key or a NaN, is read leniently once safetensors accepts it).
+            strict, header = header is not None, None
             arrays = _st_load(data)
+            if not strict:
+                raw_metadata = json.loads(_header_text(data, header_len)).get("__metadata__")
     except (SafetensorError, ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise WireFormatError("malformed", f"payload is not valid safetensors: {exc}") from exc
     except KeyError as exc:  # safetensors.numpy has no numpy type for this dtype (e.g. BF16)
         raise WireFormatError(
             "tensor_dtype", f"a tensor has dtype {exc}, which numpy cannot hold; allowed: F16, F32, F64"
         ) from None
-    metadata = {str(k): str(v) for k, v in (header.get("__metadata__") or {}).items()}
+    metadata = {str(k): str(v) for k, v in (raw_metadata or {}).items()}
     order = _tensor_order(metadata, arrays)
     weights = {name: arrays[name] for name in order}
     _check_arrays(weights, check_finite=check_finite)
@@ -201,28 +306,42 @@ def decode(
     return weights, metadata
 
 
-def _views(data: bytes, header_len: int) -> dict[str, np.ndarray] | None:
-    """Zero-copy arrays for a plain payload, or None to leave the payload to safetensors.
+def _parse_header(data: bytes, header_len: int) -> object | None:
+    """The header as JSON, parsed once and strictly; None when it has a duplicate key or a NaN literal.
 
-    Taken only when everything safetensors checks holds, and a little more: a UTF-8 JSON object
-    header with no duplicate key and no NaN/Infinity literal; string metadata; every tensor exactly
-    ``dtype`` (F16, F32 or F64), ``shape`` and ``data_offsets`` of unsigned 64-bit integers; the
-    tensors back to back from offset 0 to the end of the payload, each holding exactly
-    prod(shape) x itemsize bytes, aligned to its itemsize. The arrays are read-only views into
-    ``data`` (which they keep alive).
+    Raises ValueError (not JSON, or not UTF-8, which safetensors refuses too) or RecursionError.
     """
     try:
-        text = data[8 : 8 + header_len].decode("utf-8")
-        header = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
-    except (ValueError, RecursionError):
+        return json.loads(
+            _header_text(data, header_len), object_pairs_hook=_unique_keys, parse_constant=_no_constant
+        )
+    except _NotPlain:
         return None
+
+
+def _header_text(data: bytes, header_len: int) -> str:
+    return str(memoryview(data)[8 : 8 + header_len], "utf-8")  # no copy of the bytes first
+
+
+def _views(data: bytes, header_len: int, header: object) -> dict[str, np.ndarray] | None:
+    """Zero-copy arrays for a plain payload, or None to leave the payload to safetensors.
+
+    ``header`` is the payload's header as ``_parse_header`` read it: a UTF-8 JSON object with no
+    duplicate key and no NaN/Infinity literal. The views are taken only when everything safetensors
+    checks holds, and a little more: string metadata; every tensor exactly ``dtype`` (F16, F32 or
+    F64), ``shape`` and ``data_offsets`` of unsigned 64-bit integers; the tensors back to back from
+    offset 0 to the end of the payload, each holding exactly prod(shape) x itemsize bytes, aligned to
+    its itemsize. The arrays are read-only views into ``data`` (which they keep alive).
+    """
     if not isinstance(header, dict) or not header.keys() - {"__metadata__"}:
         return None
-    metadata = header.pop("__metadata__", {})
+    metadata = header.get("__metadata__", {})
     if not isinstance(metadata, dict) or not all(_utf8(k) and _utf8(v) for k, v in metadata.items()):
         return None
     tensors = []
     for name, info in header.items():
+        if name == "__metadata__":
+            continue
         if not _utf8(name) or not isinstance(info, dict) or info.keys() != {"dtype", "shape", "data_offsets"}:
             return None
         code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]

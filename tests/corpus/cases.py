@@ -210,6 +210,11 @@ def header_nesting_bomb(_: CaseContext) -> bytes:
     return _envelope(b'{"a":' + b"[" * 50_000 + b"]" * 50_000 + b"}", bytes(60))
 
 
+def header_too_large(ctx: CaseContext) -> bytes:
+    """A well-formed update with 2 MiB of metadata: over the header budget of a two-tensor model."""
+    return encode(good_payload(ctx), {"padding": "x" * (2 << 20)})
+
+
 def shape_overflow(_: CaseContext) -> bytes:
     header = _tensor_header(
         **{
@@ -464,6 +469,13 @@ CASES: list[Case] = [
         header_nesting_bomb,
         "malformed",
         "not valid safetensors",
+    ),
+    _payload_case(
+        "header_too_large",
+        "a header of 2 MiB (metadata padding) for a two-tensor model",
+        header_too_large,
+        "header_too_large",
+        "exceeds the limit of",
     ),
     _payload_case(
         "shape_overflow",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import pickle
 import struct
 import zipfile
@@ -11,7 +12,16 @@ import numpy as np
 import pytest
 from safetensors.numpy import save as raw_safetensors
 
-from fedstream.weights import ModelSpec, WireFormatError, decode, encode, load_file, save_file, sha256_hex
+from fedstream.weights import (
+    ModelSpec,
+    WireFormatError,
+    decode,
+    encode,
+    header_budget,
+    load_file,
+    save_file,
+    sha256_hex,
+)
 
 
 @pytest.fixture
@@ -124,6 +134,128 @@ def test_header_that_is_not_json_is_malformed(model):
 def test_sha256_mismatch_is_rejected(model):
     data = encode(model)
     assert reject(data, expected_sha256="0" * 64).reason == "sha256_mismatch"
+
+
+# --- the header budget ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def unparsed(monkeypatch):
+    """Fails the test if anything parses a header (Python's JSON parser or safetensors')."""
+
+    def parse(*_args, **_kwargs):
+        raise AssertionError("the header was parsed")
+
+    monkeypatch.setattr("fedstream.weights._parse_header", parse)
+    monkeypatch.setattr("fedstream.weights._st_load", parse)
+
+
+def test_the_header_budget_of_a_model_is_its_entries_plus_1_mib_of_metadata(model):
+    budget = header_budget(ModelSpec.of(model))
+    # 3 tensors: 256 bytes each, plus 24 per character of their names and per dimension
+    names, dimensions = len("dense/kernel") + len("dense/bias") + len("a_scale"), 2 + 1 + 2
+    assert budget.max_bytes == (1 << 20) + 3 * 256 + 24 * (names + dimensions)
+    assert budget.max_bytes - (1 << 20) > 2 * len(encode(model))  # what encode writes, twice over
+    assert header_budget(None).max_bytes == 16 << 20
+
+
+def test_a_header_over_the_budget_of_the_model_is_refused_before_it_is_parsed(model, unparsed):
+    spec = ModelSpec.of(model)
+    limit = header_budget(spec).max_bytes
+    data = encode(model, {"padding": "x" * limit})
+
+    error = reject(data, spec)
+
+    assert error.reason == "header_too_large"
+    assert f"exceeds the limit of {limit} for this model" in str(error)
+
+
+def test_without_a_spec_a_header_may_hold_up_to_16_mib(model, monkeypatch):
+    # GIVEN 2 MiB of metadata: too much for this model's updates, fine for a file without a spec
+    data = encode(model, {"padding": "x" * (2 << 20)})
+    assert reject(data, ModelSpec.of(model)).reason == "header_too_large"
+    assert decode(data)[1]["padding"] == "x" * (2 << 20)
+
+    # WHEN the header is over 16 MiB THEN it is refused before it is parsed
+    big = encode(model, {"padding": "x" * (16 << 20)})
+    monkeypatch.setattr("fedstream.weights._parse_header", pytest.fail)
+    error = reject(big)
+    assert error.reason == "header_too_large"
+    assert f"exceeds the limit of {16 << 20}" in str(error)
+
+
+def test_a_header_with_more_values_than_the_model_needs_is_refused_before_it_is_parsed(model, unparsed):
+    # 20,000 short metadata entries: 200 KB, within the bytes, but 20,000 values to create
+    keys = encode(model, {f"k{i}": "" for i in range(20_000)})
+    error = reject(keys, ModelSpec.of(model))
+    assert error.reason == "malformed"
+    assert "commas (values), over the limit of" in str(error)
+
+    # 5,000 empty arrays riding in a tensor entry (safetensors itself would ignore the field)
+    junk = _payload(_h(_t("a", "[4]", "[0,16]", extra=',"x":[' + ",".join(["[]"] * 5_000) + "]")), _F32)
+    spec = ModelSpec.of({"a": np.zeros(4, np.float32)})
+    error = reject(junk, spec)
+    assert error.reason == "malformed"
+    assert "objects and arrays" in str(error)
+
+
+def test_without_a_spec_more_than_one_object_or_array_per_8_header_bytes_is_refused(unparsed):
+    junk = _payload(_h(_t("a", "[4]", "[0,16]", extra=',"x":[' + ",".join(["{}"] * 5_000) + "]")), _F32)
+    error = reject(junk)
+    assert error.reason == "malformed"
+    assert "objects and arrays ('{' and '[' bytes), over the limit of" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("key", "values"),
+    [
+        # async: the lineage of a version, "client#version" refs with 64-character client ids
+        ("applied", [f"{'c' * 58}-{i:05d}#{1_000_000 + i}" for i in range(10_000)]),
+        ("applied", [f"c{i}#{i}" for i in range(16_000)]),
+        # sync: the clients a round accepted
+        ("clients", [f"{'s' * 58}-{i:05d}" for i in range(10_000)]),
+    ],
+    ids=["10k-long-refs", "16k-short-refs", "10k-clients"],
+)
+def test_a_global_model_with_server_metadata_for_a_big_run_still_decodes(key, values):
+    # GIVEN a global model as the server writes it (sync.py / asynchronous.py), for a run far bigger
+    # than any so far: clients decode it against their spec
+    model = {"dense/kernel": np.ones((4, 3), np.float32), "dense/bias": np.ones(3, np.float32)}
+    metadata = {
+        "run_id": "r" * 64,
+        "version": "1000001",
+        "parent_version": "1000000",
+        "round": "1000001",
+        "aggregator": "fedbuff",
+        "creator": "fedstream.async_update",
+        "created_at": "2030-01-01T00:00:00.000000+00:00",
+        key: json.dumps(values),
+        "metrics": json.dumps({f"metric_{i}": i / 7 for i in range(100)}),
+    }
+    data = encode(model, metadata)
+
+    for spec in (ModelSpec.of(model), None):
+        weights, decoded = decode(data, spec)
+        assert json.loads(decoded[key]) == values
+        assert list(weights) == list(model)
+        payload = np.frombuffer(data, np.uint8)
+        assert all(np.shares_memory(array, payload) for array in weights.values())  # still zero-copy
+
+
+def test_models_with_long_or_bracketed_tensor_names_are_within_their_budget():
+    # jax key paths, a deep module path, a non-BMP name, a rank-8 tensor
+    model = {
+        "['params']['Dense_0']['kernel']": np.ones((3, 2), np.float32),
+        "encoder." * 40 + "weight": np.ones(2, np.float32),
+        "\U0001f600" * 20: np.ones(1, np.float32),
+        "w": np.ones((1,) * 8, np.float32),
+        "": np.ones(1, np.float32),
+    }
+    data = encode(model, {"applied": json.dumps([f"c{i}#{i}" for i in range(100)])})
+
+    for spec in (ModelSpec.of(model), None):
+        weights, _ = decode(data, spec)
+        assert list(weights) == list(model)
 
 
 # --- tensors that do not match the model ---------------------------------------------------------
