@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 def _stragglers(text: str) -> tuple[int, float]:
@@ -13,6 +15,38 @@ def _stragglers(text: str) -> tuple[int, float]:
         return int(count), float(factor or 4.0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--stragglers expects K:FACTOR, e.g. 2:4, got {text!r}") from None
+
+
+def parse_bounds(pairs: Sequence[str] | None, *, off: bool = False) -> Any:
+    """``--no-bounds`` and ``--bound NAME=VALUE`` -> an :class:`~fedstream.bounds.InfluenceBounds`.
+
+    The defaults (or ``InfluenceBounds.off()`` with ``off``), then each NAME=VALUE over them;
+    ``none`` clears an optional bound (``max_update_norm``, ``max_examples``).
+    """
+    import pydantic
+
+    from fedstream.bounds import InfluenceBounds
+    from fedstream.cli import CliError
+
+    base = InfluenceBounds.off() if off else InfluenceBounds()
+    names = list(InfluenceBounds.model_fields)
+    fields: dict[str, Any] = base.model_dump()
+    for pair in pairs or ():
+        name, sep, value = pair.partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or not name or not value:
+            raise CliError(f"--bound expects NAME=VALUE, e.g. norm_factor=5, got {pair!r}")
+        if name not in names:
+            raise CliError(f"--bound: unknown bound {name!r}; choose one of {', '.join(names)}")
+        fields[name] = None if value.lower() == "none" else value
+    try:
+        return InfluenceBounds.model_validate(fields)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc'])}={error.get('input')!r}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise CliError(f"--bound: {problems}") from None
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -53,6 +87,27 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="inject a fault (repeatable): aggregate.<point>[:N], throttle:s3|dynamodb:Op[:N], "
         "error:s3|dynamodb:Op[:N], kill:CLIENT[:ROUND], hang:CLIENT, redeliver:N",
     )
+    parser.add_argument(
+        "--no-bounds",
+        action="store_true",
+        help="turn the relative influence bounds off (norm_factor=0, example_factor=0)",
+    )
+    parser.add_argument(
+        "--bound",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set an influence bound (repeatable): norm_factor, max_update_norm, min_reference, "
+        "window, example_factor, max_examples; 'none' clears an optional one",
+    )
+    parser.add_argument(
+        "--attack",
+        action="append",
+        default=[],
+        metavar="CLIENT=SPEC",
+        help="make a client malicious, to evaluate defences (repeatable): sign-flip:F | scale:F | copy, "
+        "optionally :examples=N, e.g. site-4=sign-flip:10:examples=1000000000",
+    )
     parser.add_argument("--visibility-timeout", type=int, default=300, help="client message visibility (s)")
     parser.add_argument("--out", type=Path, default=Path("runs/local"))
     parser.add_argument("--no-progress", action="store_true", help="plain lines instead of a live table")
@@ -62,6 +117,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from fedstream.cli import CliError, parse_params
+    from fedstream.local.attack import AttackSpecError, parse_attackers
     from fedstream.local.run import LocalRunConfig, run_local
 
     if args.clients < 1:
@@ -71,6 +127,11 @@ def run(args: argparse.Namespace) -> int:
     stragglers, factor = args.stragglers or (0, 1.0)
     if stragglers > args.clients:
         raise CliError("--stragglers cannot slow more clients than there are")
+    bounds = parse_bounds(args.bound, off=args.no_bounds)
+    try:
+        attackers = parse_attackers(args.attack)
+    except AttackSpecError as exc:
+        raise CliError(str(exc)) from None
     config = LocalRunConfig(
         mode=args.mode,
         aggregator=args.aggregator,
@@ -96,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
         client_runtime="thread" if args.client_threads else "process",
         visibility_timeout=args.visibility_timeout,
         faults=tuple(args.fault),
+        bounds=bounds,
+        attackers=attackers,
     )
     summary = run_local(config)
     return 0 if summary.status == "SUCCEEDED" else 1

@@ -27,3 +27,18 @@ def metric_counts(text: str, metric: str, dimension: str) -> dict[str, int]:
             key = str(entry[dimension])
             counts[key] = counts.get(key, 0) + int(metric_total(entry[metric]))
     return counts
+
+
+def rejections_by_client(text: str) -> dict[str, dict[str, int]]:
+    """Rejected updates per client and reason, from the handlers' ``"update rejected"`` warnings.
+
+    ``count_rejection`` (handlers/observability.py) writes one warning per rejection next to its
+    ``UpdatesRejected`` metric line; the warning carries the correlation keys, the metric does not.
+    """
+    counts: dict[str, dict[str, int]] = {}
+    for entry in json_lines(text):
+        if entry.get("message") == "update rejected" and "reason" in entry:
+            per_client = counts.setdefault(str(entry.get("client_id")), {})
+            reason = str(entry["reason"])
+            per_client[reason] = per_client.get(reason, 0) + 1
+    return counts
