@@ -1,7 +1,10 @@
 """The aggregator interface shared by both modes, and the helpers every aggregator uses.
 
 An aggregator is pure numpy: no I/O, no AWS, no TensorFlow. The host (a Lambda handler, the
-offline CLI, a test) feeds it decoded weights and persists whatever it returns.
+offline CLI, a test) feeds it decoded weights and publishes the weights it returns. Between sync
+rounds the host keeps only ``RoundResult.carry`` (scalars, JSON on the run state); between async
+updates it keeps ``AsyncResult.state`` while an update is buffered (arrays as safetensors, values
+as JSON) and drops it once a step publishes weights.
 
 Sync mode streams one round::
 
@@ -25,21 +28,22 @@ from typing import ClassVar
 import numpy as np
 import numpy.typing as npt
 
+from fedstream.errors import Refused
 from fedstream.weights import Weights
 
 Scalar = float | int | str | bool
 METRIC_NAMES = ("train_loss", "train_accuracy", "eval_loss", "eval_accuracy")
 
 
-class AggregationError(ValueError):
-    """An update or a round cannot be aggregated; ``reason`` names why for logs and metrics."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
+class AggregationError(Refused):
+    """An update or a round cannot be aggregated; ``reason`` names why for logs and metrics.
+    Constructed as ``AggregationError(reason, message)``; aggregator plugins raise it."""
 
 
 class PrivacyBudgetExhausted(AggregationError):
+    """The privacy budget is spent (reason ``privacy_budget_exhausted``); a sync close fails the
+    round with the error name ``PrivacyBudgetExhausted``."""
+
     def __init__(self, message: str) -> None:
         super().__init__("privacy_budget_exhausted", message)
 
@@ -75,7 +79,8 @@ class RoundResult:
 
 @dataclass
 class AsyncState:
-    """State an async aggregator keeps between updates; the host persists it (safetensors + item)."""
+    """State an async aggregator keeps between buffered updates; the host stores it until a step
+    publishes weights (``AsyncResult.state`` None), then starts the next buffer from None."""
 
     arrays: Weights = field(default_factory=dict)
     values: dict[str, Scalar] = field(default_factory=dict)

@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedstream.errors import Refused
 from fedstream.weights import Weights
 
 
@@ -53,12 +54,9 @@ class InfluenceBounds(BaseModel):
         return cls(norm_factor=0.0, example_factor=0.0)
 
 
-class OutOfBounds(ValueError):
-    """An update outside the run's influence bounds; ``reason`` names which."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
+class OutOfBounds(Refused):
+    """An update outside the run's influence bounds; ``reason`` names which. Constructed as
+    ``OutOfBounds(reason, message)``."""
 
 
 def delta_norm(weights: Mapping[str, np.ndarray], base: Weights) -> float:

@@ -32,7 +32,6 @@ from fedstream import hookspecs
 from fedstream.aggregation import AggregationError, AsyncState, ClientUpdate, RoundContext, Scalar
 from fedstream.bounds import (
     InfluenceBounds,
-    OutOfBounds,
     admit_round,
     check_change,
     check_norm,
@@ -40,6 +39,7 @@ from fedstream.bounds import (
     remember_norm,
 )
 from fedstream.cli import CliError, parse_params
+from fedstream.errors import Refused
 from fedstream.registry import AggregatorInfo, AggregatorRegistry, build_registry
 from fedstream.weights import (
     DEFAULT_MAX_BYTES,
@@ -306,15 +306,15 @@ def _aggregate_round(
         name = str(path)
         try:
             if name in candidates:
-                raise OutOfBounds("duplicate", f"{name} is given more than once")
+                raise Refused("duplicate", f"{name} is given more than once")
             weights, digest = _read_update(path, spec)
             if digest in seen:
-                raise OutOfBounds("duplicate", f"the same bytes as {seen[digest]} (sha256 {digest})")
+                raise Refused("duplicate", f"the same bytes as {seen[digest]} (sha256 {digest})")
             seen[digest] = name
             norm = delta_norm(weights, global_weights)
             del weights
             check_change(norm, name)
-        except (WireFormatError, OutOfBounds) as exc:
+        except Refused as exc:
             refusals.add(name, exc.reason, str(exc))
             continue
         paths[name], candidates[name], digests[name] = path, (norm, num_examples), digest
@@ -384,14 +384,14 @@ def _apply_in_order(
         staleness = current_version - base_version
         try:
             if staleness < 0:
-                raise AggregationError(
+                raise Refused(
                     "future_base_version",
                     f"claims base version {base_version}, newer than version {current_version}",
                 )
             limit = aggregator.max_staleness
             if limit is not None and staleness > limit:
-                raise AggregationError("stale", f"{staleness} versions stale (max {limit})")
-        except AggregationError as exc:
+                raise Refused("stale", f"{staleness} versions stale (max {limit})")
+        except Refused as exc:
             refusals.add(name, exc.reason, str(exc))
             continue
         if base_version not in bases and base_version in base_paths:  # a bad --base file is an error
@@ -399,7 +399,7 @@ def _apply_in_order(
         try:
             weights, digest = _read_update(path, spec)
             if digest in seen:
-                raise OutOfBounds("duplicate", f"the same bytes as {seen[digest]} (sha256 {digest})")
+                raise Refused("duplicate", f"the same bytes as {seen[digest]} (sha256 {digest})")
             seen[digest] = name
             norm = delta_norm(weights, bases.get(base_version, current))
             check_change(norm, name)
@@ -413,8 +413,8 @@ def _apply_in_order(
             )
             result = aggregator.apply_async(current, update, staleness=staleness, state=state)
             if result.weights is not None and not all_finite(result.weights):
-                raise AggregationError("non_finite", "applying it would make the model non-finite")
-        except AggregationError as exc:
+                raise Refused("non_finite", "applying it would make the model non-finite")
+        except AggregationError as exc:  # the aggregator's; missing_base_weights is the user's to fix
             if exc.reason == "missing_base_weights":
                 raise CliError(
                     f"{path} was trained from version {base_version}: pass --base "
@@ -422,7 +422,7 @@ def _apply_in_order(
                 ) from None
             refusals.add(name, exc.reason, str(exc))
             continue
-        except (WireFormatError, OutOfBounds) as exc:
+        except Refused as exc:
             refusals.add(name, exc.reason, str(exc))
             continue
         norms = remember_norm(bounds, norms, norm)

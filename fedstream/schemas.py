@@ -1,7 +1,8 @@
 """Records, messages and run state that cross a boundary, as pydantic models.
 
-Nothing past the edge walks dicts: a handler parses a stream image or a queue body into one of
-these models and hands typed values to the domain logic. Unknown fields are refused at the edge.
+What a client or a queue sends is parsed into one of these models at the edge (strict: no
+coercion, unknown fields refused) before the domain logic sees it. Items the server wrote itself
+(round items, the run state) are read back as plain dicts in ``fedstream.server``.
 """
 
 from __future__ import annotations

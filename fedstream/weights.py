@@ -29,6 +29,8 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
+from fedstream.errors import Refused
+
 Weights = dict[str, np.ndarray]
 
 ALLOWED_DTYPES = frozenset({"float16", "float32", "float64"})
@@ -95,12 +97,9 @@ def header_budget(spec: ModelSpec | None) -> HeaderBudget:
     return spec.header_budget
 
 
-class WireFormatError(ValueError):
-    """A model payload was rejected; ``reason`` is a short machine-readable code for logs and metrics."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
+class WireFormatError(Refused):
+    """A model payload that fails the wire format's checks; ``reason`` is a short machine-readable
+    code for logs and metrics. Constructed as ``WireFormatError(reason, message)``."""
 
 
 @dataclass(frozen=True)

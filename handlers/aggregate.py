@@ -11,6 +11,7 @@ from aws_lambda_powertools.utilities.data_classes.dynamo_db_stream_event import 
 )
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from fedstream.errors import Refused
 from fedstream.registry import default_registry
 from fedstream.server import sync
 from fedstream.server.store import store_for
@@ -86,8 +87,10 @@ def record_handler(record: DynamoDBRecord) -> None:
         _, closed = sync.handle_sync_record(
             store_for(settings), settings, default_registry(), image, on_registered=log_registered
         )
-    except sync.Rejected as rejected:
-        count_rejection(rejected.reason, detail=str(rejected))
+    except Refused as refused:
+        # The record's refusal, or the round's failure (an ``AggregationError`` the close raised
+        # after failing the round): logged and counted with its reason, never retried.
+        count_rejection(refused.reason, detail=str(refused))
         return
     if closed is not None:
         emit_round_closed(closed)

@@ -45,16 +45,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fedstream import faults, keys
-from fedstream.aggregation import AggregationError, Aggregator, AsyncState, ClientUpdate
+from fedstream.aggregation import Aggregator, AsyncState, ClientUpdate
 from fedstream.bounds import (
     InfluenceBounds,
-    OutOfBounds,
     check_change,
     check_norm,
     delta_norm,
     for_run,
     remember_norm,
 )
+from fedstream.errors import Refused
 from fedstream.registry import AggregatorRegistry
 from fedstream.schemas import ModelReady, TrainingComplete, UpdateRecord
 from fedstream.server.store import ConditionFailed, GlobalModel, MissingObject, Store
@@ -159,34 +159,36 @@ def start_run(
     key = keys.global_key(run_id, 0)
     store.put_once(key, weights_data)
     digest = sha256_hex(weights_data)
-    store.runs.put_item(
-        Item={
-            "run_id": run_id,
-            "sk": STATE_KEY,
-            "mode": "async",
-            "status": "RUNNING",
-            "version": 0,
-            "global_key": key,
-            "global_sha256": digest,
-            "buffer_seq": 0,
-            "buffer_ids": [],
-            "released": {},
-            "received": 0,
-            "applied": 0,
-            "rejected": 0,
-            "buffered": 0,
-            "max_updates": max_updates,
-            "max_seconds": str(max_seconds),
-            "target_accuracy": "" if target_accuracy is None else str(target_accuracy),
-            "client_settings": json.dumps(dict(client_settings or {})),
-            "bounds": "" if bounds is None else bounds.model_dump_json(exclude_unset=True),
-            "started_at": _now(),
-            "version_at": str(time.time()),
-        },
-        ConditionExpression="attribute_not_exists(run_id)",
-    )
-    store.runs.put_item(
-        Item={"run_id": run_id, "sk": "version#0", "key": key, "sha256": digest, "parent": -1, "applied": []}
+    state = {
+        "run_id": run_id,
+        "sk": STATE_KEY,
+        "mode": "async",
+        "status": "RUNNING",
+        "version": 0,
+        "global_key": key,
+        "global_sha256": digest,
+        "buffer_seq": 0,
+        "buffer_ids": [],
+        "released": {},
+        "received": 0,
+        "applied": 0,
+        "rejected": 0,
+        "buffered": 0,
+        "max_updates": max_updates,
+        "max_seconds": str(max_seconds),
+        "target_accuracy": "" if target_accuracy is None else str(target_accuracy),
+        "client_settings": json.dumps(dict(client_settings or {})),
+        "bounds": "" if bounds is None else bounds.model_dump_json(exclude_unset=True),
+        "started_at": _now(),
+        "version_at": str(time.time()),
+    }
+    version = {"run_id": run_id, "sk": "version#0", "key": key, "sha256": digest, "parent": -1, "applied": []}
+    # Both or neither: a run id is taken once.
+    store.transact(
+        [
+            {"Put": {"Item": state, "ConditionExpression": "attribute_not_exists(run_id)"}},
+            {"Put": {"Item": version, "ConditionExpression": "attribute_not_exists(run_id)"}},
+        ]
     )
     message = ModelReady(
         run_id=run_id, version=0, object_key=key, sha256=digest, client_settings=dict(client_settings or {})
@@ -364,8 +366,8 @@ class _RunBatch:
                 if digest_sk(record.client_id, record.sha256) in markers:
                     raise Rejected("replay", f"{record.client_id!r} already sent object {record.sha256}")
                 self._judge(plan, aggregator, record, verdict, seen_clients, downloaded)
-            except Rejected as rejected:
-                verdict.outcome, verdict.reason, verdict.detail = "rejected", rejected.reason, str(rejected)
+            except Refused as refused:
+                verdict.outcome, verdict.reason, verdict.detail = "rejected", refused.reason, str(refused)
             if verdict.reason != "duplicate":
                 seen_clients.add(record.client_id)
             plan.verdicts.append(verdict)
@@ -400,18 +402,15 @@ class _RunBatch:
         verdict.staleness = staleness
         base = self._version_model(record.base_version)
         if isinstance(downloaded, BaseException):
-            raise downloaded  # Rejected (its reason), or an error that fails the batch
+            raise downloaded  # a Refused (its reason), or an error that fails the batch
         if downloaded is None:
             assert plan.model is not None  # a running run's model is loaded
             downloaded = load_update(self.store, record, plan.model.spec)[0]
         weights = downloaded
         bounds = for_run(self.settings.bounds, plan.state.get("bounds"))
         norm = delta_norm(weights, base.weights)
-        try:
-            check_change(norm, record.client_id)
-            check_norm(bounds, norm, plan.norms, record.client_id)
-        except OutOfBounds as exc:
-            raise Rejected(exc.reason, str(exc)) from None
+        check_change(norm, record.client_id)
+        check_norm(bounds, norm, plan.norms, record.client_id)
         update = ClientUpdate(
             record.client_id,
             weights,
@@ -420,10 +419,7 @@ class _RunBatch:
             record.base_version,
             base.weights,
         )
-        try:
-            result = aggregator.apply_async(plan.weights, update, staleness=staleness, state=plan.buffer)
-        except AggregationError as exc:
-            raise Rejected(exc.reason, str(exc)) from None
+        result = aggregator.apply_async(plan.weights, update, staleness=staleness, state=plan.buffer)
         if result.weights is not None and not all_finite(result.weights):
             raise Rejected("non_finite", f"applying {update_ref(record)} would make the model non-finite")
         verdict.metrics = {k: float(v) for k, v in result.metrics.items()}

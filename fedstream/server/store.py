@@ -1,7 +1,10 @@
 """The data-access layer: S3, DynamoDB, Step Functions and SNS behind one small class.
 
-Nothing above this module touches boto3. Clients are created once per process (a warm Lambda
-reuses them) and the global models are cached by (run, version): versions are write-once.
+The server code (``fedstream.server``) reaches AWS only through this class, though it still
+writes the DynamoDB condition and update expressions it passes to ``conditional_update`` and
+``transact``; the local runtime hooks the class's boto3 clients to inject faults. Clients are
+created once per process (a warm Lambda reuses them) and the global models are cached by (run,
+version): versions are write-once.
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ import json
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -36,6 +40,24 @@ class MissingObject(Exception):
 
 class UnreadableObject(Exception):
     """The object exists but this function may never read it (archived, or under a foreign KMS key)."""
+
+
+class CorruptObject(Exception):
+    """An object the server wrote itself (a global model) fails the wire format's checks.
+
+    A fault, not a refusal: it fails the invocation, which is retried. A ``WireFormatError`` (a
+    ``Refused``) would be logged and counted against the update being judged, as if it were bad.
+    """
+
+
+@contextmanager
+def own_object(key: str) -> Iterator[None]:
+    """Around a read of an object the server wrote: a ``WireFormatError`` raised inside becomes a
+    ``CorruptObject`` (chained to it), so a ``Refused`` from the server always concerns an input."""
+    try:
+        yield
+    except WireFormatError as exc:
+        raise CorruptObject(f"server object {key} is invalid ({exc.reason}): {exc}") from exc
 
 
 # S3 answers that no retry changes, for an object its writer controls (storage class, encryption).
@@ -169,7 +191,9 @@ class Store:
                 self._models.move_to_end(cache_key)
                 return self._models[cache_key]
         key = key or keys.global_key(run_id, version)
-        return self.remember_global_model(run_id, version, key, self.get_bytes(key))
+        with own_object(key):
+            data = self.get_bytes(key)
+        return self.remember_global_model(run_id, version, key, data)
 
     def remember_global_model(
         self, run_id: str, version: int, key: str, data: bytes, sha256: str | None = None
@@ -179,7 +203,10 @@ class Store:
         A caller that just encoded ``data`` (so its values were checked) passes its ``sha256``,
         and neither the hash nor the NaN/Inf scan is repeated.
         """
-        weights, metadata = decode(data, max_bytes=self.settings.max_model_bytes, check_finite=sha256 is None)
+        with own_object(key):
+            weights, metadata = decode(
+                data, max_bytes=self.settings.max_model_bytes, check_finite=sha256 is None
+            )
         model = GlobalModel(version, key, sha256 or sha256_hex(data), weights, metadata)
         with self._lock:
             self._models[(run_id, version)] = model

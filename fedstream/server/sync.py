@@ -24,10 +24,11 @@ import pydantic
 
 from fedstream import faults, keys
 from fedstream.aggregation import AggregationError, ClientUpdate, PrivacyBudgetExhausted, RoundContext
-from fedstream.bounds import OutOfBounds, admit_round, check_change, delta_norm, for_run
+from fedstream.bounds import admit_round, check_change, delta_norm, for_run
+from fedstream.errors import Refused
 from fedstream.registry import AggregatorRegistry
 from fedstream.schemas import UpdateRecord
-from fedstream.server.store import ConditionFailed, MissingObject, Store, UnreadableObject
+from fedstream.server.store import ConditionFailed, MissingObject, Store, UnreadableObject, own_object
 from fedstream.settings import HandlerSettings
 from fedstream.weights import ModelSpec, WireFormatError, decode, encode, sha256_hex
 
@@ -38,12 +39,10 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-class Rejected(Exception):
-    """An update that will never be accepted; logged with ``reason`` and counted, never retried."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
+class Rejected(Refused):
+    """A record the server's own checks refuse (malformed, unknown client, duplicate, closed round,
+    missing object...): logged with ``reason`` and counted, never retried. The checks of the core
+    modules raise their own ``Refused`` subclasses, which the handlers treat the same way."""
 
 
 @dataclass
@@ -157,6 +156,8 @@ def load_update(store: Store, ref: ObjectRef, spec: ModelSpec) -> tuple[Any, int
 
     Returns (weights, payload bytes, S3 version id). A ``ValidatedReport`` with a version id is
     read at that version and only its structure is checked again (see ``ValidatedReport``).
+    Raises ``Rejected`` for a missing or unreadable object and ``WireFormatError`` for a payload
+    that fails its checks: both refuse the update.
     """
     pinned = getattr(ref, "version_id", None)
     try:
@@ -172,8 +173,6 @@ def load_update(store: Store, ref: ObjectRef, spec: ModelSpec) -> tuple[Any, int
         raise Rejected("missing_object", str(exc)) from None
     except UnreadableObject as exc:
         raise Rejected("unreadable_object", str(exc)) from None
-    except WireFormatError as exc:
-        raise Rejected(exc.reason, str(exc)) from None
     return weights, len(data), version_id
 
 
@@ -192,6 +191,9 @@ def register_report(store: Store, settings: HandlerSettings, record: UpdateRecor
     unchanged model refused. Two conditional writes follow: the object is bound to this round
     (a later round cannot take it again), and the report is added to the round, conditioned on
     the round's status, version and token and the client's first report.
+
+    A refused record raises a ``Refused`` with its reason: ``Rejected`` from these checks,
+    ``WireFormatError`` from the download, ``OutOfBounds`` for an unchanged model.
     """
     check_identity(record, settings)
     if record.round is None:
@@ -210,10 +212,7 @@ def register_report(store: Store, settings: HandlerSettings, record: UpdateRecor
     weights, _, version_id = load_update(store, record, base.spec)
     norm = delta_norm(weights, base.weights)
     del weights
-    try:
-        check_change(norm, record.client_id)
-    except OutOfBounds as exc:
-        raise Rejected(exc.reason, str(exc)) from None
+    check_change(norm, record.client_id)
     try:
         store.conditional_update(
             {"run_id": record.run_id, "sk": object_sk},
@@ -431,6 +430,11 @@ def close_round(
     Returns None when the round is not ready or another invocation is closing it. Every step
     can be repeated: the new object is write-once and adopted by a retry, the pointer flip is
     conditional and recognised when it already happened, and the callback is sent once per token.
+
+    An ``AggregationError`` (no update could be used, the aggregator refused the round, the result
+    is not finite) fails the round, answering its task token with the error name
+    ``PrivacyBudgetExhausted`` or ``AggregationFailed``, and is raised on with its reason. Any
+    other error gives the claim back, so a retry can close the round.
     """
     claimed = claim_round(store, run_id, round_number, min_reports)
     if claimed is None:
@@ -446,10 +450,10 @@ def close_round(
         )
     except PrivacyBudgetExhausted as exc:
         _fail_round(store, run_id, round_number, token, "PrivacyBudgetExhausted", str(exc))
-        raise Rejected(exc.reason, str(exc)) from None
+        raise
     except AggregationError as exc:
         _fail_round(store, run_id, round_number, token, "AggregationFailed", str(exc))
-        raise Rejected(exc.reason, str(exc)) from None
+        raise
     except BaseException:
         release_claim(store, run_id, round_number, claim_id)
         raise
@@ -598,7 +602,7 @@ def _aggregate_and_publish(
     accepted: list[str] = []
     model_bytes = 0
     for client_id, fetched in prefetch(sorted(admitted), fetch, settings.download_threads):
-        if isinstance(fetched, Rejected):
+        if isinstance(fetched, Refused):  # the update's refusal (``load_update``): skip it
             skipped[client_id], skipped_why[client_id] = fetched.reason, str(fetched)
             continue
         if isinstance(fetched, BaseException):
@@ -642,8 +646,9 @@ def _aggregate_and_publish(
     faults.point("aggregate.before_object_write")
     if not store.put_once(key, data):
         # A previous attempt wrote this version and died before the flip: its object stands.
-        existing = store.get_bytes(key)
-        _, meta = decode(existing, max_bytes=settings.max_model_bytes)
+        with own_object(key):
+            existing = store.get_bytes(key)
+            _, meta = decode(existing, max_bytes=settings.max_model_bytes)
         data, metrics, accepted = existing, json.loads(meta["metrics"]), json.loads(meta["clients"])
     faults.point("aggregate.after_object_write")
     digest = sha256_hex(data)
