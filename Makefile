@@ -5,7 +5,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION ?= 20
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test check lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,12 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# The edit-test loop: lint, the plugins and the pure unit tests (no AWS, no TensorFlow), seconds.
+check: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q tests/plugins tests/unit/test_weights.py tests/unit/test_aggregation_helpers.py \
+		tests/unit/test_attack.py
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
