@@ -24,7 +24,7 @@ test: $(VENV)/.installed
 check: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests/plugins tests/unit/test_weights.py tests/unit/test_aggregation_helpers.py \
-		tests/unit/test_attack.py
+		tests/unit/test_attack.py tests/unit/test_import_contract.py
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
