@@ -12,7 +12,8 @@ import sys
 from aws_cdk import App, Environment
 
 from fedstream.registry import PluginError
-from stacks.fedstream_stack import ConfigError, create_stack
+from stacks.config import ConfigError
+from stacks.fedstream_stack import create_stack
 
 
 def main() -> None:

@@ -37,7 +37,7 @@ from aggregation_engine import examples, incoming, model_spec
 from fedstream.aggregation import WeightedSum
 from fedstream.weights import decode, encode, sha256_hex
 from stacks import constants
-from stacks.fedstream_stack import DeploymentConfig
+from stacks.config import DeploymentConfig
 
 # AWS Lambda price list, x86_64, us-east-1, as published on aws.amazon.com/lambda/pricing in
 # 2025 (first pricing tier; checked 2025-06): $0.0000166667 per GB-second, $0.20 per 1M requests.

@@ -12,7 +12,7 @@ import pytest
 
 from fedstream.registry import default_registry
 from fedstream.settings import HandlerSettings
-from stacks.fedstream_stack import ConfigError, DeploymentConfig
+from stacks.config import ConfigError, DeploymentConfig
 from tests.infrastructure.conftest import REPO_ROOT, feature_flags
 
 
