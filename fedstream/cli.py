@@ -37,15 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from fedstream.aggregation import AggregationError
+    from fedstream.errors import Refused
     from fedstream.registry import PluginError
-    from fedstream.weights import WireFormatError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (CliError, PluginError, WireFormatError, AggregationError, FileNotFoundError, OSError) as exc:
+    except (CliError, PluginError, Refused, FileNotFoundError, OSError) as exc:
         print(f"fedstream {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
