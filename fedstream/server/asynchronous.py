@@ -57,8 +57,8 @@ from fedstream.bounds import (
 from fedstream.errors import Refused
 from fedstream.registry import AggregatorRegistry
 from fedstream.schemas import ModelReady, TrainingComplete, UpdateRecord
+from fedstream.server.records import Rejected, check_identity, digest_sk, load_update, parse_record, prefetch
 from fedstream.server.store import ConditionFailed, GlobalModel, MissingObject, Store
-from fedstream.server.sync import Rejected, check_identity, digest_sk, load_update, parse_record, prefetch
 from fedstream.settings import HandlerSettings
 from fedstream.weights import Weights, all_finite, decode, encode, sha256_hex
 
