@@ -6,7 +6,8 @@ round with a quorum, or fail it), and, through this queue's subscription to the 
 the server learns each round's token from the state machine itself, never from a client.
 
 A finalize request is acted on only if it carries the id the state machine wrote on the round when
-its deadline passed, with the first task token seen with that id (``sync.check_finalize_request``).
+its deadline passed, with the first task token seen with that id
+(``fedstream.server.finalize.check_finalize_request``).
 Any other request is refused: a warning and an ``UpdatesRejected{reason}`` metric, nothing else.
 """
 
@@ -21,7 +22,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from fedstream.registry import default_registry
 from fedstream.schemas import FinalizeRequest, ModelReady, TrainingComplete
-from fedstream.server import sync
+from fedstream.server import finalize, sync
 from fedstream.server.store import store_for
 from fedstream.settings import HandlerSettings
 from handlers.aggregate import emit_round_closed
@@ -56,7 +57,7 @@ def record_handler(record: SQSRecord) -> None:
             logger.info("round token recorded" if recorded else "round token already known")
         return
     try:
-        result = sync.finalize_round(
+        result = finalize.finalize_round(
             store_for(settings),
             settings,
             default_registry(),
@@ -65,7 +66,7 @@ def record_handler(record: SQSRecord) -> None:
             request.task_token,
             finalize_id=request.finalize_id,
         )
-    except sync.FinalizeRefused as exc:
+    except finalize.FinalizeRefused as exc:
         # Neither the id nor the token is logged: both are secrets of the round.
         count_rejection(exc.reason, message="finalize request refused", detail=str(exc))
         return

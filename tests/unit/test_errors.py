@@ -20,7 +20,7 @@ from fedstream.errors import Refused
 from fedstream.local.embedded import EmbeddedAWS
 from fedstream.local.logs import json_lines, metric_counts
 from fedstream.registry import AggregatorInfo, AggregatorRegistry, NoParams
-from fedstream.server import sync
+from fedstream.server import finalize, sync
 from fedstream.server.asynchronous import start_run
 from fedstream.server.store import CorruptObject
 from fedstream.weights import Weights, WireFormatError, encode
@@ -30,7 +30,7 @@ from tests.handlers.conftest import FakeContext, SyncWorld, _deployment, global_
 
 @pytest.mark.parametrize(
     "kind",
-    [WireFormatError, AggregationError, OutOfBounds, sync.Rejected, sync.FinalizeRefused],
+    [WireFormatError, AggregationError, OutOfBounds, sync.Rejected, finalize.FinalizeRefused],
 )
 def test_each_refusal_is_a_refused_with_its_reason_and_message(kind: type[Refused]) -> None:
     refusal = kind("some_reason", "what was wrong")
