@@ -17,7 +17,7 @@ from typing import Any
 from fedstream.registry import AggregatorRegistry
 from fedstream.server.records import Rejected
 from fedstream.server.store import ConditionFailed, Store
-from fedstream.server.sync import RoundClosed, _now, _round_key, close_round, deliver_round_result
+from fedstream.server.sync import RoundClosed, _now, close_round, deliver_round_result
 from fedstream.settings import HandlerSettings
 
 
@@ -76,13 +76,7 @@ def finalize_round(
             f"reports required (min_clients={min_clients})"
         )
         try:
-            store.conditional_update(
-                _round_key(run_id, round_number),
-                "SET #status = :failed, failure = :why",
-                "#status = :open AND reported_count < :min",
-                {":failed": "failed", ":why": message, ":open": "open", ":min": min_clients},
-                {"#status": "status"},
-            )
+            store.fail_round(run_id, round_number, message, below_quorum=min_clients)
         except ConditionFailed:
             raise RoundBusy(f"round {round_number} changed while finalizing; retrying") from None
         store.send_task_failure(token, "QuorumNotReached", message)
@@ -158,12 +152,7 @@ def check_finalize_request(
             f"round {round_number}'s deadline is {early:.0f} s away ({deadline.isoformat()})",
         )
     try:
-        return store.conditional_update(
-            _round_key(run_id, round_number),
-            "SET finalize_token = :tok",
-            "finalize_id = :id AND (attribute_not_exists(finalize_token) OR finalize_token = :tok)",
-            {":id": finalize_id, ":tok": token},
-        )
+        return store.pin_finalize_token(run_id, round_number, finalize_id, token)
     except ConditionFailed:
         current = store.round_item(run_id, round_number) or {}
         if current.get("finalize_id") != finalize_id:

@@ -1,8 +1,9 @@
 """The data-access layer: S3, DynamoDB, Step Functions and SNS behind one small class.
 
-The server code (``fedstream.server``) reaches AWS only through this class, though it still
-writes the DynamoDB condition and update expressions it passes to ``conditional_update`` and
-``transact``; the local runtime hooks the class's boto3 clients to inject faults. Clients are
+The server code (``fedstream.server``) reaches AWS only through this class. The sync round
+protocol's writes are domain verbs here (``add_report``, ``claim_round``, ``close_round``, ...);
+the async commit still builds its transaction items in ``fedstream.server.asynchronous``. The
+local runtime hooks the class's boto3 clients to inject faults. Clients are
 created once per process (a warm Lambda reuses them) and the global models are cached by (run,
 version): versions are write-once.
 """
@@ -309,6 +310,147 @@ class Store:
                 raise ConditionFailed(f"transaction cancelled ({', '.join(sorted(reasons))})") from exc
             raise
 
+    # ---- sync rounds: every DynamoDB expression of the round protocol (fedstream.server.sync) ---
+    # Each verb is one conditional write; ConditionFailed means the round is not as it requires.
+
+    def bind_object(self, run_id: str, client_id: str, sha256: str, object_key: str, used_in: str) -> None:
+        """Bind a client's object (by sha256) to ``used_in`` (a round's sort key); again is fine."""
+        self.conditional_update(
+            {"run_id": run_id, "sk": f"object#{client_id}#{sha256}"},
+            "SET used_in = :at, object_key = :key",
+            "attribute_not_exists(run_id) OR used_in = :at",
+            {":at": used_in, ":key": object_key},
+        )
+
+    def add_report(
+        self,
+        run_id: str,
+        round_number: int,
+        client_id: str,
+        base_version: int,
+        report: str,
+        task_token: str | None,
+        now: str,
+    ) -> dict[str, Any]:
+        """Add a client's first report to an open round of this version (and token); the round after."""
+        condition = "#status = :open AND NOT contains(reported, :c) AND version = :base"
+        values: dict[str, Any] = {
+            ":cid": {client_id},
+            ":one": 1,
+            ":open": "open",
+            ":c": client_id,
+            ":base": base_version,
+            ":report": report,
+            ":at": now,
+        }
+        if task_token:
+            condition += " AND (attribute_not_exists(task_token) OR task_token = :tok)"
+            values[":tok"] = task_token
+        return self.conditional_update(
+            _round(run_id, round_number),
+            "ADD reported :cid, reported_count :one SET last_report_at = :at, #report = :report",
+            condition,
+            values,
+            {"#status": "status", "#report": f"report#{client_id}"},
+        )
+
+    def claim_round(
+        self, run_id: str, round_number: int, claim_id: str, min_reports: int, now: float, stale_before: float
+    ) -> dict[str, Any]:
+        """open (with ``min_reports``) or a claim older than ``stale_before`` -> aggregating."""
+        return self.conditional_update(
+            _round(run_id, round_number),
+            "SET #status = :agg, claim_id = :claim, claimed_at = :now",
+            "(#status = :open AND reported_count >= :min) OR (#status = :agg AND claimed_at < :stale)",
+            {
+                ":agg": "aggregating",
+                ":open": "open",
+                ":claim": claim_id,
+                ":now": now,
+                ":min": min_reports,
+                ":stale": stale_before,
+            },
+            {"#status": "status"},
+        )
+
+    def release_claim(self, run_id: str, round_number: int, claim_id: str) -> None:
+        self.conditional_update(
+            _round(run_id, round_number),
+            "SET #status = :open REMOVE claim_id, claimed_at",
+            "#status = :agg AND claim_id = :claim",
+            {":open": "open", ":agg": "aggregating", ":claim": claim_id},
+            {"#status": "status"},
+        )
+
+    def set_round_flag(self, run_id: str, round_number: int, flag: str, now: str) -> None:
+        """Set ``flag`` (e.g. ``callback_at``) once; ConditionFailed if it is already set."""
+        self.conditional_update(
+            _round(run_id, round_number), f"SET {flag} = :at", f"attribute_not_exists({flag})", {":at": now}
+        )
+
+    def clear_round_flag(self, run_id: str, round_number: int, flag: str) -> None:
+        self.conditional_update(
+            _round(run_id, round_number), f"REMOVE {flag}", "attribute_exists(run_id)", {}
+        )
+
+    def record_round_token(self, run_id: str, round_number: int, token: str) -> None:
+        """Keep the first task token recorded for an existing round."""
+        self.conditional_update(
+            _round(run_id, round_number),
+            "SET task_token = :tok",
+            "attribute_exists(run_id) AND attribute_not_exists(task_token)",
+            {":tok": token},
+        )
+
+    def fail_round(
+        self, run_id: str, round_number: int, why: str, *, below_quorum: int | None = None
+    ) -> None:
+        """Mark the round failed; with ``below_quorum``, only an open round with fewer reports."""
+        condition, values = "attribute_exists(run_id)", {":failed": "failed", ":why": why}
+        if below_quorum is not None:
+            condition = "#status = :open AND reported_count < :min"
+            values |= {":open": "open", ":min": below_quorum}
+        self.conditional_update(
+            _round(run_id, round_number),
+            "SET #status = :failed, failure = :why",
+            condition,
+            values,
+            {"#status": "status"},
+        )
+
+    def close_round(self, run_id: str, round_number: int, result: str, now: str) -> dict[str, Any]:
+        """aggregating -> closed, with the result the callbacks send; the round after."""
+        return self.conditional_update(
+            _round(run_id, round_number),
+            "SET #status = :closed, #result = :result, closed_at = :at",
+            "#status = :agg",
+            {":closed": "closed", ":result": result, ":at": now, ":agg": "aggregating"},
+            {"#status": "status", "#result": "result"},
+        )
+
+    def pin_finalize_token(
+        self, run_id: str, round_number: int, finalize_id: str, token: str
+    ) -> dict[str, Any]:
+        """Keep the first task token presented with the round's finalize id; the round after."""
+        return self.conditional_update(
+            _round(run_id, round_number),
+            "SET finalize_token = :tok",
+            "finalize_id = :id AND (attribute_not_exists(finalize_token) OR finalize_token = :tok)",
+            {":id": finalize_id, ":tok": token},
+        )
+
+    def publish_version(self, run_id: str, expected: int, fields: Mapping[str, Any]) -> None:
+        """Move the run state from version ``expected`` to ``fields["version"]`` with ``fields``."""
+        names = {f"#{name}": name for name in fields}
+        values = {f":{name}": value for name, value in fields.items()} | {":expected": expected}
+        self.conditional_update(
+            {"run_id": run_id, "sk": "state"},
+            "SET " + ", ".join(f"#{name} = :{name}" for name in fields),
+            "version = :expected",
+            values,
+            names,
+        )
+
     # ---- callbacks and notifications --------------------------------------------------------
     def send_task_success(self, token: str, output: Mapping[str, Any]) -> bool:
         """False when the token is no longer waiting (timed out, or already answered)."""
@@ -331,6 +473,10 @@ class Store:
 
     def publish(self, message: Mapping[str, Any]) -> None:
         self.sns.publish(TopicArn=self.settings.topic_arn, Message=json.dumps(message))
+
+
+def _round(run_id: str, round_number: int) -> dict[str, str]:
+    return {"run_id": run_id, "sk": f"round#{round_number}"}
 
 
 def to_dynamo(values: Mapping[str, Any]) -> dict[str, Any]:

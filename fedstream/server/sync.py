@@ -135,35 +135,19 @@ def register_report(store: Store, settings: HandlerSettings, record: UpdateRecor
     del weights
     check_change(norm, record.client_id)
     try:
-        store.conditional_update(
-            {"run_id": record.run_id, "sk": object_sk},
-            "SET used_in = :at, object_key = :key",
-            "attribute_not_exists(run_id) OR used_in = :at",
-            {":at": round_sk, ":key": record.object_key},
-        )
+        store.bind_object(record.run_id, record.client_id, record.sha256, record.object_key, round_sk)
     except ConditionFailed:
         raise _replay(record, store.run_items(record.run_id, [object_sk]).get(object_sk)) from None
 
-    condition = "#status = :open AND NOT contains(reported, :c) AND version = :base"
-    values: dict[str, Any] = {
-        ":cid": {record.client_id},
-        ":one": 1,
-        ":open": "open",
-        ":c": record.client_id,
-        ":base": record.base_version,
-        ":report": json.dumps(asdict(ValidatedReport.of(record, version_id, norm))),
-        ":at": _now().isoformat(),
-    }
-    if record.task_token:
-        condition += " AND (attribute_not_exists(task_token) OR task_token = :tok)"
-        values[":tok"] = record.task_token
     try:
-        item = store.conditional_update(
-            _round_key(record.run_id, record.round),
-            "ADD reported :cid, reported_count :one SET last_report_at = :at, #report = :report",
-            condition,
-            values,
-            {"#status": "status", "#report": report_attribute(record.client_id)},
+        item = store.add_report(
+            record.run_id,
+            record.round,
+            record.client_id,
+            record.base_version,
+            json.dumps(asdict(ValidatedReport.of(record, version_id, norm))),
+            record.task_token,
+            _now().isoformat(),
         )
     except ConditionFailed:
         raise _why_not_registered(store, record) from None
@@ -275,20 +259,7 @@ def claim_round(
     now = time.time()
     claim_id = uuid.uuid4().hex
     try:
-        item = store.conditional_update(
-            _round_key(run_id, round_number),
-            "SET #status = :agg, claim_id = :claim, claimed_at = :now",
-            "(#status = :open AND reported_count >= :min) OR (#status = :agg AND claimed_at < :stale)",
-            {
-                ":agg": "aggregating",
-                ":open": "open",
-                ":claim": claim_id,
-                ":now": now,
-                ":min": min_reports,
-                ":stale": now - CLAIM_LEASE_SECONDS,
-            },
-            {"#status": "status"},
-        )
+        item = store.claim_round(run_id, round_number, claim_id, min_reports, now, now - CLAIM_LEASE_SECONDS)
     except ConditionFailed:
         return None
     return claim_id, item
@@ -297,13 +268,7 @@ def claim_round(
 def release_claim(store: Store, run_id: str, round_number: int, claim_id: str) -> bool:
     """Give a claim back (its holder failed before closing), so a retry can aggregate at once."""
     try:
-        store.conditional_update(
-            _round_key(run_id, round_number),
-            "SET #status = :open REMOVE claim_id, claimed_at",
-            "#status = :agg AND claim_id = :claim",
-            {":open": "open", ":agg": "aggregating", ":claim": claim_id},
-            {"#status": "status"},
-        )
+        store.release_claim(run_id, round_number, claim_id)
     except ConditionFailed:
         return False
     return True
@@ -384,21 +349,14 @@ def deliver_round_result(
         return False
     flag = "finalize_callback_at" if finalize_token else "callback_at"
     try:
-        store.conditional_update(
-            _round_key(run_id, round_number),
-            f"SET {flag} = :at",
-            f"attribute_not_exists({flag})",
-            {":at": _now().isoformat()},
-        )
+        store.set_round_flag(run_id, round_number, flag, _now().isoformat())
     except ConditionFailed:
         return False
     try:
         return store.send_task_success(str(token), json.loads(item["result"]))
     except Exception:
         # Not sent (throttled, network): take the flag back so the retry of this record sends it.
-        store.conditional_update(
-            _round_key(run_id, round_number), f"REMOVE {flag}", "attribute_exists(run_id)", {}
-        )
+        store.clear_round_flag(run_id, round_number, flag)
         raise
 
 
@@ -409,12 +367,7 @@ def record_round_token(store: Store, run_id: str, round_number: int, token: str)
     queue's subscription, so this token is authentic; the first one recorded stays.
     """
     try:
-        store.conditional_update(
-            _round_key(run_id, round_number),
-            "SET task_token = :tok",
-            "attribute_exists(run_id) AND attribute_not_exists(task_token)",
-            {":tok": token},
-        )
+        store.record_round_token(run_id, round_number, token)
     except ConditionFailed:
         return False
     deliver_round_result(store, run_id, round_number)
@@ -439,13 +392,7 @@ def round_output(closed: RoundClosed) -> dict[str, Any]:
 def _fail_round(
     store: Store, run_id: str, round_number: int, token: str | None, error: str, cause: str
 ) -> None:
-    store.conditional_update(
-        _round_key(run_id, round_number),
-        "SET #status = :failed, failure = :why",
-        "attribute_exists(run_id)",
-        {":failed": "failed", ":why": f"{error}: {cause}"},
-        {"#status": "status"},
-    )
+    store.fail_round(run_id, round_number, f"{error}: {cause}")
     if token:
         store.send_task_failure(str(token), error, cause)
 
@@ -551,22 +498,18 @@ def _aggregate_and_publish(
 
     next_settings = aggregator.client_settings(result.carry)
     try:
-        store.conditional_update(
-            {"run_id": run_id, "sk": "state"},
-            "SET version = :new, global_key = :key, global_sha256 = :sha, #round = :round, carry = :carry, "
-            "client_settings_next = :cs, last_metrics = :metrics",
-            "version = :expected",
+        store.publish_version(
+            run_id,
+            base_version,
             {
-                ":new": new_version,
-                ":key": key,
-                ":sha": digest,
-                ":round": round_number,
-                ":carry": json.dumps(result.carry),
-                ":cs": json.dumps(next_settings),
-                ":metrics": json.dumps(metrics),
-                ":expected": base_version,
+                "version": new_version,
+                "global_key": key,
+                "global_sha256": digest,
+                "round": round_number,
+                "carry": json.dumps(result.carry),
+                "client_settings_next": json.dumps(next_settings),
+                "last_metrics": json.dumps(metrics),
             },
-            {"#round": "round"},
         )
     except ConditionFailed:
         current = store.run_state(run_id) or {}
@@ -595,16 +538,5 @@ def _aggregate_and_publish(
         skipped=skipped,
         skipped_why=skipped_why,
     )
-    item = store.conditional_update(
-        _round_key(run_id, round_number),
-        "SET #status = :closed, #result = :result, closed_at = :at",
-        "#status = :agg",
-        {
-            ":closed": "closed",
-            ":result": json.dumps(round_output(closed)),
-            ":at": _now().isoformat(),
-            ":agg": "aggregating",
-        },
-        {"#status": "status", "#result": "result"},
-    )
+    item = store.close_round(run_id, round_number, json.dumps(round_output(closed)), _now().isoformat())
     return closed, item
