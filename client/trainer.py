@@ -23,6 +23,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -177,8 +178,11 @@ class KerasTrainer:
         self.learning_rate = learning_rate
         self.seed = seed
         self.from_logits = from_logits
-        keras.utils.set_random_seed(seed)
-        self.model = model if isinstance(model, keras.Model) else model(data.input_shape, data.num_classes)
+        if isinstance(model, keras.Model):
+            keras.utils.set_random_seed(seed)
+            self.model = model
+        else:
+            self.model = _build_seeded(model, data.input_shape, data.num_classes, seed)
         if not self.model.built:
             self.model.build((None, *data.input_shape))
         self.names = _variable_names(self.model)
@@ -298,6 +302,47 @@ class KerasTrainer:
 
             self._eval_step = eval_step
         return self._eval_step
+
+
+_BUILD_LOCK = threading.Lock()
+
+
+def _build_seeded(
+    model_fn: ModelFn, input_shape: tuple[int, ...], num_classes: int, seed: int
+) -> keras.Model:
+    """``model_fn``'s model, with initial weights that are a function of ``seed`` alone.
+
+    ``keras.utils.set_random_seed`` seeds the process-wide generators, and Keras 3 draws the seed
+    of every unseeded initializer from Python's global ``random``. Any other thread that draws from
+    it between the two (botocore's retry back-off calls ``random.random()``: a poller retrying, a
+    client thread) changes the weights; that, not the training ops, is what made two runs with
+    one seed differ under load. So the build draws those seeds from a private ``random.Random(seed)``
+    (the numbers ``set_random_seed(seed)`` gives the global one: the same weights as before).
+
+    The fit needs nothing more: on CPU (oneDNN off) its ops gave the same bits in every repeat,
+    loaded machine or not, for a given seed and global model (``fit_rng`` orders the batches).
+    ``tf.config.experimental.enable_op_determinism()`` costs about nothing here but gives other
+    (equally repeatable) numbers, is process-wide, and makes ops without a deterministic kernel
+    raise in user models, so it is not turned on.
+    """
+    import random
+
+    import keras
+
+    try:
+        from keras.src.random import seed_generator
+    except ImportError:  # another Keras layout: the global generators only
+        seed_generator = None
+    with _BUILD_LOCK:
+        keras.utils.set_random_seed(seed)  # NumPy and TensorFlow too, for model functions that use them
+        if seed_generator is None or not hasattr(seed_generator, "python_random"):
+            return model_fn(input_shape, num_classes)
+        shared = seed_generator.python_random
+        seed_generator.python_random = random.Random(seed)
+        try:
+            return model_fn(input_shape, num_classes)
+        finally:
+            seed_generator.python_random = shared
 
 
 def _count_correct(y, outputs):

@@ -65,19 +65,24 @@ class ProcessClient:
         self.restarts += 1
         self.start()
 
-    def stop(self, deadline: float) -> int | None:
-        assert self.process is not None
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-        if self.process.poll() is None:
+    def wait(self, deadline: float) -> None:
+        """Wait until the process exits on its own or ``deadline`` (``time.monotonic()``) passes."""
+        if self.process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+
+    def request_stop(self) -> None:
+        """SIGTERM: the client stops after its current step (a long poll, an upload)."""
+        if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
             self.process.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=10)
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+
+    def force_stop(self) -> None:
+        """SIGKILL, and reap the process."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+        if self.process is not None:
+            self.process.wait()
 
 
 class ThreadClient(threading.Thread):
@@ -116,12 +121,20 @@ class ThreadClient(threading.Thread):
     def returncode(self) -> int | None:
         return self.exit_code
 
-    def stop(self, deadline: float) -> int | None:
-        self.join(timeout=max(0.1, deadline - time.monotonic()))
-        if self.is_alive():
-            self.client.stop.set()  # the loop ends after its current long poll
-            self.join(timeout=self.client.settings.wait_seconds + 5)
-        return self.exit_code
+    def wait(self, deadline: float) -> None:
+        if self.ident is not None:
+            self.join(timeout=max(0.1, deadline - time.monotonic()))
+
+    def request_stop(self) -> None:
+        self.client.stop.set()  # the loop ends after its current step (a long poll, an upload)
+
+    def force_stop(self) -> None:
+        """A thread cannot be killed: wait for its current long poll to end."""
+        if self.ident is None:  # never started: only its log is open
+            with self._log_lock:
+                self._log.close()
+            return
+        self.join(timeout=self.client.settings.wait_seconds + 5)
 
 
 Client = ProcessClient | ThreadClient
@@ -154,7 +167,22 @@ def wait_until_ready(clients: dict[str, Client], timeout: float) -> None:
         raise CliError(f"clients not ready after {timeout:.0f} s: {sorted(waiting)}")
 
 
-def stop_clients(clients: dict[str, Client], timeout: float) -> dict[str, int | None]:
-    """Wait up to ``timeout`` for clients to finish on their own, then stop the rest."""
+def stop_clients(clients: dict[str, Client], timeout: float, grace: float = 10.0) -> dict[str, int | None]:
+    """Wait up to ``timeout`` for clients to finish on their own, then stop the rest.
+
+    Those still running are asked to stop all at once (SIGTERM, or a thread's stop event), get
+    ``grace`` seconds together to do so, and are then killed (a thread: waited for). Clients that
+    never started are fine (their code is None). Safe to call again: stopped clients return at once.
+    """
     deadline = time.monotonic() + timeout
-    return {client_id: client.stop(deadline) for client_id, client in clients.items()}
+    for client in clients.values():
+        client.wait(deadline)
+    running = [client for client in clients.values() if client.returncode is None]
+    for client in running:
+        client.request_stop()
+    grace_deadline = time.monotonic() + grace
+    for client in running:
+        client.wait(grace_deadline)
+    for client in running:
+        client.force_stop()
+    return {client_id: client.returncode for client_id, client in clients.items()}

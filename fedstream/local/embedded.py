@@ -250,6 +250,8 @@ class EmbeddedAWS:
         self.endpoint = ""
         self._session: boto3.Session | None = None
         self._clients: dict[str, Any] = {}
+        self._environ_before: dict[str, str | None] = {}
+        self._environ_set: dict[str, str] = {}
 
     def __enter__(self) -> EmbeddedAWS:
         self.start()
@@ -259,6 +261,9 @@ class EmbeddedAWS:
         self.stop()
 
     def start(self) -> None:
+        """Start the server and point this process's environment at it (:meth:`stop` undoes both)."""
+        names = aws_environment("", 0)
+        self._environ_before = {name: os.environ.get(name) for name in names}
         if self.in_process:
             self._server, self.port = serve_in_this_process()
         else:
@@ -271,23 +276,48 @@ class EmbeddedAWS:
             assert self._process.stdout is not None
             line = self._process.stdout.readline()
             if not line.strip().isdigit():
-                self._process.kill()
+                self._stop_process(timeout=0)
                 raise RuntimeError(f"the embedded AWS did not start (it printed {line!r})")
             self.port = int(line)
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        os.environ.update(aws_environment(self.endpoint, self.port))
+        self._environ_set = aws_environment(self.endpoint, self.port)
+        os.environ.update(self._environ_set)
 
     def stop(self) -> None:
+        """Stop the server (its port is closed on return) and restore the environment. Idempotent."""
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
         if self._server is not None:
             self._server.stop()
+            self._server = None
         if self._process is not None:
-            assert self._process.stdin is not None
-            self._process.stdin.close()
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+            self._stop_process(timeout=10)
+        self._restore_environment()
+
+    def _stop_process(self, timeout: float) -> None:
+        process, self._process = self._process, None
+        assert process is not None
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.close()  # the server's signal to stop
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+
+    def _restore_environment(self) -> None:
+        """Put back the variables :meth:`start` set, unless something else has set them since."""
+        for name, value in self._environ_set.items():
+            if os.environ.get(name) != value:
+                continue
+            before = self._environ_before.get(name)
+            if before is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = before
+        self._environ_set = {}
 
     def session(self) -> boto3.Session:
         """One session for the process: it loads each service model once."""

@@ -162,6 +162,15 @@ def _log_stream(path: Path) -> Iterator[IO[str]]:
 
 
 def run_local(config: LocalRunConfig) -> RunSummary:
+    """Run ``config`` on the embedded AWS. Whatever the run starts is stopped when it returns or raises.
+
+    Each resource (the embedded AWS, the stdout redirection, the handlers' environment, the store
+    with the service-fault hooks, the pollers, the clients, the client faults, the fault points, the
+    live view) goes on an :class:`contextlib.ExitStack` as soon as it exists, so an error or Ctrl-C
+    at any point stops what was started, in reverse order. A run that ends (SUCCEEDED or FAILED)
+    shuts down in order first: the clients get ``client_timeout`` to finish, the pollers deliver
+    what is left, the outputs are read; then the stack unwinds the rest.
+    """
     from fedstream.local.progress import Progress
 
     registry = default_registry()
@@ -177,20 +186,21 @@ def run_local(config: LocalRunConfig) -> RunSummary:
         )
     client_ids = [f"site-{i + 1}" for i in range(config.clients)]
     _check_attackers(config, client_ids)
+    plan = FaultPlan.parse(config.faults, client_ids)
+    if (plan.kills or plan.hangs) and config.client_runtime != "process":
+        raise CliError("kill: and hang: faults need process clients (client_runtime='process')")
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "clients").mkdir(exist_ok=True)
     for stale in ("logs.jsonl",):
         (out / stale).unlink(missing_ok=True)
-    for noisy in ("moto", "werkzeug", "botocore", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.CRITICAL)
     run_id = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     min_clients = config.min_clients or config.clients
-    plan = FaultPlan.parse(config.faults, client_ids)
-    if (plan.kills or plan.hangs) and config.client_runtime != "process":
-        raise CliError("kill: and hang: faults need process clients (client_runtime='process')")
 
-    with EmbeddedAWS() as aws, _log_stream(out / "logs.jsonl") as console_stream:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_quiet_loggers("moto", "werkzeug", "botocore", "urllib3"))
+        aws = stack.enter_context(EmbeddedAWS())  # also restores the AWS_*/MOTO_PORT variables it sets
+        console_stream = stack.enter_context(_log_stream(out / "logs.jsonl"))
         resources = create_resources(aws, f"fedstream-{run_id[-6:]}", client_ids, config.mode)
         settings = HandlerSettings(
             mode=config.mode,
@@ -205,9 +215,10 @@ def run_local(config: LocalRunConfig) -> RunSummary:
             seed=config.seed,
             bounds=config.bounds,
         )
-        os.environ.update(settings.to_env())
+        stack.enter_context(_environment(settings.to_env()))  # what the handlers read, as in Lambda
         service_faults = ServiceFaults(plan)
         handler_store = store_for(HandlerSettings.from_env())  # the Store the handlers will use
+        stack.callback(_forget_store, handler_store)  # and with it the fault hooks on its clients
         service_faults.install({"s3": handler_store.s3, "dynamodb": handler_store.dynamodb.meta.client})
         evaluator = _Evaluator(config)
         initial = evaluator.initial_weights()
@@ -216,51 +227,46 @@ def run_local(config: LocalRunConfig) -> RunSummary:
         if config.mode == "sync":  # async: start_run publishes version 0
             aws.client("s3").put_object(Bucket=resources.bucket, Key=keys.global_key(run_id, 0), Body=data)
 
-        pollers = _start_pollers(aws, resources, config.mode, redeliver_batches=plan.redeliver_batches)
-        clients = _start_clients(aws, resources, config, client_ids, out)
+        pollers = _pollers(aws, resources, config.mode, redeliver_batches=plan.redeliver_batches)
+        for poller in pollers:
+            poller.start()
+            stack.callback(poller.stop)
+        clients: dict[str, Client] = {}
+        # On an error, whichever clients exist are stopped at once (SIGTERM, SIGKILL 2 s later).
+        stack.callback(stop_clients, clients, 0, 2.0)
+        _start_clients(aws, resources, config, client_ids, out, clients)
+        wait_until_ready(clients, timeout=config.startup_timeout)
         client_faults = ClientFaults(plan, clients)
-        try:
-            wait_until_ready(clients, timeout=config.startup_timeout)
-        except CliError:
-            stop_clients(clients, 0)
-            raise
+        stack.callback(_stop_client_faults, client_faults)
         client_faults.hang_now()
         client_faults.start()
         plan.arm_handler_points()
+        stack.callback(faults.disarm)
         aggregator = registry.create(
             config.aggregator, config.params, seed=config.seed, num_clients=config.clients
         )
         progress = Progress(console_stream, config, client_ids, enabled=config.progress)
+        close_progress = _once(progress.close)
+        stack.callback(close_progress)
         started, started_at = time.monotonic(), time.time()
-        status, counts = "FAILED", {}
-        try:
-            if config.mode == "async":
-                status, error, rows, final_key, counts = _run_async(
-                    aws, settings, run_id, data, config, aggregator, evaluator, progress, started_at
-                )
-            else:
-                status, error, rows, final_key = _run_sync(
-                    aws,
-                    resources,
-                    settings,
-                    run_id,
-                    data,
-                    config,
-                    aggregator,
-                    evaluator,
-                    progress,
-                    started_at,
-                )
-        finally:
-            client_faults.stop()
-            client_faults.release()
-            codes = stop_clients(clients, config.client_timeout if status == "SUCCEEDED" else 5)
-            for poller in pollers:
-                poller.drain(timeout=120.0)  # every record gets its verdict, up to a point
-                poller.stop()
-            injected = {**faults.fired(), **service_faults.injected, **dict.fromkeys(client_faults.done, 1)}
-            faults.disarm()
-            progress.close()
+        counts: dict[str, int] = {}
+        if config.mode == "async":
+            status, error, rows, final_key, counts = _run_async(
+                aws, settings, run_id, data, config, aggregator, evaluator, progress, started_at
+            )
+        else:
+            status, error, rows, final_key = _run_sync(
+                aws, resources, settings, run_id, data, config, aggregator, evaluator, progress, started_at
+            )
+        # The run ended (an exception above unwinds the stack instead): an orderly shutdown.
+        _stop_client_faults(client_faults)
+        codes = stop_clients(clients, config.client_timeout if status == "SUCCEEDED" else 5)
+        for poller in pollers:
+            poller.drain(timeout=120.0)  # every record gets its verdict, up to a point
+            poller.stop()
+        injected = {**faults.fired(), **service_faults.injected, **dict.fromkeys(client_faults.done, 1)}
+        faults.disarm()
+        close_progress()
         async_summary: dict[str, Any] = {}
         if config.mode == "async":  # records that arrived after the end are counted now
             store = Store(settings, aws.session())
@@ -293,6 +299,69 @@ def run_local(config: LocalRunConfig) -> RunSummary:
     _write_outputs(summary, config)
     progress.summary(summary)
     return summary
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the block; then put back what was there (or nothing)."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str) -> Iterator[None]:
+    """Only critical records from these libraries' loggers during the run; their levels after it."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _forget_store(store: Store) -> None:
+    """Drop the handlers' cached Store of this run (its clients, fault hooks and cached models).
+
+    ``store_for`` keeps one per settings for the life of the process, as a warm Lambda does; every
+    run has settings of its own, so this one would never be used again.
+    """
+    from fedstream.server import store as store_module
+
+    for key, cached in list(store_module._stores.items()):
+        if cached is store:
+            del store_module._stores[key]
+
+
+def _stop_client_faults(client_faults: ClientFaults) -> None:
+    """Stop killing and freezing clients, and let the frozen ones go. Safe to call again."""
+    client_faults.stop()
+    if client_faults.ident is not None:
+        client_faults.join(timeout=30)
+    client_faults.release()
+
+
+def _once(function: Any) -> Any:
+    """``function`` that does its work on the first call only."""
+    called = False
+
+    def once() -> None:
+        nonlocal called
+        if not called:
+            called = True
+            function()
+
+    return once
 
 
 def _run_sync(
@@ -380,9 +449,10 @@ def _run_async(
     return str(state["status"]), state.get("failure"), rows, str(state["global_key"]), counts
 
 
-def _start_pollers(
+def _pollers(
     aws: EmbeddedAWS, resources: Resources, mode: str, *, redeliver_batches: int = 0
 ) -> list[Poller]:
+    """The run's event sources, not started yet."""
     from handlers import aggregate, async_update, finalize
 
     stream_handler = async_update.lambda_handler if mode == "async" else aggregate.lambda_handler
@@ -406,18 +476,21 @@ def _start_pollers(
         pollers.append(
             QueuePoller(aws.client("sqs"), resources.finalize_queue_url, finalize.lambda_handler, "finalize")
         )
-    for poller in pollers:
-        poller.start()
     return pollers
 
 
 def _start_clients(
-    aws: EmbeddedAWS, resources: Resources, config: LocalRunConfig, client_ids: list[str], out: Path
-) -> dict[str, Client]:
+    aws: EmbeddedAWS,
+    resources: Resources,
+    config: LocalRunConfig,
+    client_ids: list[str],
+    out: Path,
+    clients: dict[str, Client],
+) -> None:
+    """Build every client into ``clients``, then start them; whoever stops ``clients`` stops them all."""
     from fedstream.local.attack import TRAINER_SPEC as attack_trainer
     from fedstream.local.attack import attacker_env
 
-    clients: dict[str, Client] = {}
     max_idle = max(config.round_timeout * 2, 120)
     for index, client_id in enumerate(client_ids):
         straggler = index >= config.clients - config.stragglers
@@ -469,7 +542,6 @@ def _start_clients(
         clients[client_id] = process_client(client_id, arguments, log_path, env)
     for client in clients.values():
         client.start()
-    return clients
 
 
 def _thread_client(

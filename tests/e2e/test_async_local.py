@@ -4,6 +4,7 @@ same budget on the same data (the embedded AWS, the real handlers, the NumPy tra
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,13 @@ def sync_run(tmp_path_factory: pytest.TempPathFactory) -> RunSummary:
     return summary
 
 
+# Where an async run "ends": the mean accuracy of its last LAST_VERSIONS versions. On these non-IID
+# shards one version's accuracy swings by several points with the few clients whose updates it
+# took, and which clients those are depends on timing (on a loaded machine FedBuff's last three
+# were 0.891, 0.880, 0.825, against sync's 0.889): the last version alone says how busy the machine was.
+LAST_VERSIONS = 3
+
+
 # margin: how far below the sync run's final accuracy the async run may end. FedAsync mixes one
 # client's model at a time with weight alpha * s(staleness), about 0.2 at the staleness ten clients
 # make, so after the same 80 updates it is further behind (0.830 against sync's 0.889 when measured).
@@ -61,10 +69,8 @@ def test_async_learns_as_well_as_sync_with_one_update_in_flight_per_client(
 
     # THEN it ends where the sync run ends, give or take the margin
     assert summary.status == "SUCCEEDED", summary.error
-    assert summary.accuracies[-1] >= sync_run.accuracies[-1] - margin, (
-        summary.accuracies,
-        sync_run.accuracies,
-    )
+    ending = statistics.fmean(summary.accuracies[-LAST_VERSIONS:])
+    assert ending >= sync_run.accuracies[-1] - margin, (summary.accuracies, sync_run.accuracies)
     # AND no client ever had two updates in flight, so the stream never held more than one per client
     figures = summary.async_stats
     assert figures["clients_with_two_in_flight"] == {}

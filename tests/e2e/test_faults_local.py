@@ -8,6 +8,7 @@ moto server, state machine, handlers and client processes, with one fault plan a
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +152,8 @@ def test_a_client_that_never_answers_leaves_rounds_to_close_at_the_deadline_with
     tmp_path: Path,
 ) -> None:
     # GIVEN site-3 freezes (SIGSTOP) once ready, and a quorum of 2 may close a round at its deadline
-    summary = run(tmp_path, "hang:site-3", min_clients=2, round_timeout=4)
+    # (8 s: the two live clients report well before it, even on a loaded machine)
+    summary = run(tmp_path, "hang:site-3", min_clients=2, round_timeout=8)
 
     # THEN both rounds close at the deadline with the two live clients
     assert summary.faults_injected == {"hang:site-3": 1}
@@ -165,8 +167,10 @@ def test_a_client_that_never_answers_leaves_rounds_to_close_at_the_deadline_with
 def test_a_client_that_never_answers_without_a_quorum_fails_the_run_with_the_reason(tmp_path: Path) -> None:
     summary = run(tmp_path, "hang:site-3", min_clients=3, round_timeout=3)
 
+    # site-3 never reports; whether both others are in by the 3 s deadline depends on the machine
     assert summary.status == "FAILED"
-    assert summary.error is not None and "2 of the 3 reports required" in summary.error
+    assert summary.error is not None
+    assert re.search(r"round 1 reached its deadline with [0-2] of the 3 reports required", summary.error)
     assert summary.rounds == []
 
 

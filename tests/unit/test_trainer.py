@@ -11,9 +11,12 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
+import random
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -117,11 +120,29 @@ def test_local_training_improves_eval_accuracy_and_reports_the_record_metrics(ke
 
 
 def test_training_is_deterministic_for_a_seed(digits):
-    first, second = KerasTrainer(mlp, digits, seed=5), KerasTrainer(mlp, digits, seed=5)
+    # Bit for bit, even while another thread draws from Python's global `random` (botocore's retry
+    # back-off does, e.g. a poller retrying): Keras draws its initializers' seeds from it, which
+    # once made the two models start, and so end, apart on a loaded machine. KerasTrainer builds
+    # the model from a generator of its own; the fit's ops are deterministic on CPU.
+    stop = threading.Event()
 
-    a = first.fit(first.initial_weights(), {})
-    b = second.fit(second.initial_weights(), {})
+    def draw() -> None:
+        while not stop.is_set():
+            random.random()
+            time.sleep(0.0005)
 
+    drawer = threading.Thread(target=draw, daemon=True)
+    drawer.start()
+    try:
+        first, second = KerasTrainer(mlp, digits, seed=5), KerasTrainer(mlp, digits, seed=5)
+        a = first.fit(first.initial_weights(), {})
+        b = second.fit(second.initial_weights(), {})
+    finally:
+        stop.set()
+        drawer.join()
+
+    for name in first.initial_weights():
+        np.testing.assert_array_equal(first.initial_weights()[name], second.initial_weights()[name])
     for name in a.weights:
         np.testing.assert_array_equal(a.weights[name], b.weights[name])
 
