@@ -184,12 +184,7 @@ def start_run(
     }
     version = {"run_id": run_id, "sk": "version#0", "key": key, "sha256": digest, "parent": -1, "applied": []}
     # Both or neither: a run id is taken once.
-    store.transact(
-        [
-            {"Put": {"Item": state, "ConditionExpression": "attribute_not_exists(run_id)"}},
-            {"Put": {"Item": version, "ConditionExpression": "attribute_not_exists(run_id)"}},
-        ]
-    )
+    store.create_items([state, version])
     message = ModelReady(
         run_id=run_id, version=0, object_key=key, sha256=digest, client_settings=dict(client_settings or {})
     )
@@ -544,65 +539,28 @@ class _RunBatch:
             }
             items.append(
                 {
-                    "Put": {
-                        "Item": {
-                            "run_id": run_id,
-                            "sk": f"version#{plan.version}",
-                            "key": key,
-                            "sha256": digest,
-                            "parent": int(state["version"]),
-                            "applied": plan.lineage,
-                            "steps": plan.steps,
-                            "committed_at": time.time(),
-                            "metrics": sets["last_metrics"],
-                        },
-                        "ConditionExpression": "attribute_not_exists(run_id)",
-                    }
+                    "run_id": run_id,
+                    "sk": f"version#{plan.version}",
+                    "key": key,
+                    "sha256": digest,
+                    "parent": int(state["version"]),
+                    "applied": plan.lineage,
+                    "steps": plan.steps,
+                    "committed_at": time.time(),
+                    "metrics": sets["last_metrics"],
                 }
             )
         if plan.finished:
             sets |= {"status": "SUCCEEDED", "finish_reason": plan.finished, "finished_at": _now()}
         rejected = sum(v.outcome == "rejected" for v in counted)
-        names = {f"#{name}": name for name in sets} | {
-            "#v0": "version",
-            "#seq0": "buffer_seq",
-            "#st0": "status",
-        }
-        values = {f":{name}": value for name, value in sets.items()} | {
-            ":v0": int(state["version"]),
-            ":seq0": int(state.get("buffer_seq", 0)),
-            ":st0": state.get("status"),
-            ":received": len(counted),
-            ":applied": plan.applied,
-            ":rejected": rejected,
-        }
-        items.append(
-            {
-                "Update": {
-                    "Key": {"run_id": run_id, "sk": STATE_KEY},
-                    "UpdateExpression": "SET "
-                    + ", ".join(f"#{name} = :{name}" for name in sets)
-                    + " ADD received :received, applied :applied, rejected :rejected",
-                    "ConditionExpression": "#v0 = :v0 AND #seq0 = :seq0 AND #st0 = :st0",
-                    "ExpressionAttributeNames": names,
-                    "ExpressionAttributeValues": values,
-                }
-            }
-        )
+        counters = {"received": len(counted), "applied": plan.applied, "rejected": rejected}
         now = time.time()  # the markers' consumed_at: the S3 writes are done, the commit is next
         objects: set[str] = set()
         for verdict in counted:
             verdict.stream_wait = (
                 None if verdict.arrival.written_at is None else now - verdict.arrival.written_at
             )
-            items.append(
-                {
-                    "Put": {
-                        "Item": self._marker(verdict, plan.version, now),
-                        "ConditionExpression": "attribute_not_exists(run_id)",
-                    }
-                }
-            )
+            items.append(self._marker(verdict, plan.version, now))
             assert verdict.record is not None
             record = verdict.record
             # The object is this client's for this update, once (a second record naming it in this
@@ -611,21 +569,21 @@ class _RunBatch:
                 objects.add(digest_sk(record.client_id, record.sha256))
                 items.append(
                     {
-                        "Put": {
-                            "Item": {
-                                "run_id": run_id,
-                                "sk": digest_sk(record.client_id, record.sha256),
-                                "used_in": marker_sk(update_ref(record)),
-                                "object_key": record.object_key,
-                            },
-                            "ConditionExpression": "attribute_not_exists(run_id)",
-                        }
+                        "run_id": run_id,
+                        "sk": digest_sk(record.client_id, record.sha256),
+                        "used_in": marker_sk(update_ref(record)),
+                        "object_key": record.object_key,
                     }
                 )
         faults.point("async.before_commit")
-        self.store.transact(items)
+        self.store.commit_async_step(
+            run_id,
+            sets,
+            expected=(int(state["version"]), int(state.get("buffer_seq", 0)), state.get("status")),
+            counters=counters,
+            new_items=items,
+        )
         # The state as stored now (the counters too): the next batch here starts from it.
-        counters = {"received": len(counted), "applied": plan.applied, "rejected": rejected}
         self.store.remember_run_state(
             run_id, {**state, **sets, **{name: int(state.get(name, 0)) + n for name, n in counters.items()}}
         )

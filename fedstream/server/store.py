@@ -1,9 +1,9 @@
 """The data-access layer: S3, DynamoDB, Step Functions and SNS behind one small class.
 
 The server code (``fedstream.server``) reaches AWS only through this class. The sync round
-protocol's writes are domain verbs here (``add_report``, ``claim_round``, ``close_round``, ...);
-the async commit still builds its transaction items in ``fedstream.server.asynchronous``. The
-local runtime hooks the class's boto3 clients to inject faults. Clients are
+protocol's writes and the async step's commit are domain verbs here (``add_report``,
+``claim_round``, ``close_round``, ``commit_async_step``, ...), so no DynamoDB expression is
+written elsewhere. The local runtime hooks the class's boto3 clients to inject faults. Clients are
 created once per process (a warm Lambda reuses them) and the global models are cached by (run,
 version): versions are write-once.
 """
@@ -451,6 +451,48 @@ class Store:
             names,
         )
 
+    def create_items(self, items: list[dict[str, Any]]) -> None:
+        """Create run-table items in one transaction, all or none; ConditionFailed if one exists."""
+        self.transact(_creates(items))
+
+    # ---- async steps ------------------------------------------------------------------------------
+    def commit_async_step(
+        self,
+        run_id: str,
+        sets: Mapping[str, Any],
+        *,
+        expected: tuple[int, int, Any],
+        counters: Mapping[str, int],
+        new_items: list[dict[str, Any]],
+    ) -> None:
+        """One transaction: the run state moves from ``expected`` (version, buffer_seq, status) to
+        ``sets`` and adds ``counters``; each of ``new_items`` (markers, the version item) is created,
+        and must not exist. ConditionFailed if any condition does not hold: nothing is written."""
+        names = {f"#{name}": name for name in sets} | {
+            "#v0": "version",
+            "#seq0": "buffer_seq",
+            "#st0": "status",
+        }
+        version, sequence, status = expected
+        values = (
+            {f":{name}": value for name, value in sets.items()}
+            | {":v0": version, ":seq0": sequence, ":st0": status}
+            | {f":add_{name}": n for name, n in counters.items()}
+        )
+        update = "SET " + ", ".join(f"#{name} = :{name}" for name in sets)
+        if counters:
+            update += " ADD " + ", ".join(f"{name} :add_{name}" for name in counters)
+        state_update = {
+            "Update": {
+                "Key": {"run_id": run_id, "sk": "state"},
+                "UpdateExpression": update,
+                "ConditionExpression": "#v0 = :v0 AND #seq0 = :seq0 AND #st0 = :st0",
+                "ExpressionAttributeNames": names,
+                "ExpressionAttributeValues": values,
+            }
+        }
+        self.transact([state_update, *_creates(new_items)])
+
     # ---- callbacks and notifications --------------------------------------------------------
     def send_task_success(self, token: str, output: Mapping[str, Any]) -> bool:
         """False when the token is no longer waiting (timed out, or already answered)."""
@@ -473,6 +515,10 @@ class Store:
 
     def publish(self, message: Mapping[str, Any]) -> None:
         self.sns.publish(TopicArn=self.settings.topic_arn, Message=json.dumps(message))
+
+
+def _creates(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"Put": {"Item": item, "ConditionExpression": "attribute_not_exists(run_id)"}} for item in items]
 
 
 def _round(run_id: str, round_number: int) -> dict[str, str]:
