@@ -647,13 +647,7 @@ class _RunBatch:
 def end_run(store: Store, run_id: str, reason: str, version: int) -> bool:
     """Mark the run finished and tell every client; False if it had already ended."""
     try:
-        store.conditional_update(
-            {"run_id": run_id, "sk": STATE_KEY},
-            "SET #status = :done, finish_reason = :why, finished_at = :at",
-            "#status = :running",
-            {":done": "SUCCEEDED", ":why": reason, ":at": _now(), ":running": "RUNNING"},
-            {"#status": "status"},
-        )
+        store.finish_run(run_id, reason, _now())
     except ConditionFailed:
         return False
     store.publish(TrainingComplete(run_id=run_id, reason="done", final_version=version).model_dump())

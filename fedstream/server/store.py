@@ -451,6 +451,16 @@ class Store:
             names,
         )
 
+    def finish_run(self, run_id: str, reason: str, now: str) -> None:
+        """RUNNING -> SUCCEEDED with ``reason``; ConditionFailed if the run is not running."""
+        self.conditional_update(
+            {"run_id": run_id, "sk": "state"},
+            "SET #status = :done, finish_reason = :why, finished_at = :at",
+            "#status = :running",
+            {":done": "SUCCEEDED", ":why": reason, ":at": now, ":running": "RUNNING"},
+            {"#status": "status"},
+        )
+
     def create_items(self, items: list[dict[str, Any]]) -> None:
         """Create run-table items in one transaction, all or none; ConditionFailed if one exists."""
         self.transact(_creates(items))
