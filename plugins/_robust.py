@@ -46,10 +46,9 @@ from fedstream.aggregation import (
     RoundResult,
     Scalar,
     cast_like,
-    delta,
 )
 from fedstream.weights import Weights
-from plugins.fedbuff import FedBuffParams, default_buffer_size, staleness_weight
+from plugins.fedbuff import FedBuffParams, default_buffer_size, weighted_delta
 
 # float64 scratch values per block, whatever the number of rows (2 MiB): beyond the held updates
 # and the result, a rule needs only this much.
@@ -155,15 +154,8 @@ class RobustAggregator(Aggregator):
         state: AsyncState | None = None,
     ) -> AsyncResult:
         self.check_staleness(update, staleness)
-        if update.base_weights is None:
-            raise AggregationError(
-                "missing_base_weights", f"{self.name} needs the base weights of {update.client_id!r}'s update"
-            )
+        fresh, weight = weighted_delta(self.name, update, staleness)
         count = self._buffered(state, global_weights)
-        weight = staleness_weight(staleness)
-        fresh = delta(update.weights, update.base_weights)  # fresh float64 arrays: scaled in place
-        for tensor in fresh.values():
-            tensor *= weight
         self._refuse_overflow(global_weights, fresh, update.client_id)
 
         held = state if state is not None and count else AsyncState()

@@ -31,6 +31,19 @@ def staleness_weight(staleness: int) -> float:
     return float((1.0 + staleness) ** -0.5)
 
 
+def weighted_delta(name: str, update: ClientUpdate, staleness: int) -> tuple[Weights, float]:
+    """``s(tau) * (w - x_base)`` as fresh float64 arrays (the caller may change them), and s(tau)."""
+    if update.base_weights is None:
+        raise AggregationError(
+            "missing_base_weights", f"{name} needs the base weights of {update.client_id!r}'s update"
+        )
+    weight = staleness_weight(staleness)
+    fresh = delta(update.weights, update.base_weights)
+    for tensor in fresh.values():
+        tensor *= weight
+    return fresh, weight
+
+
 class FedBuffParams(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
     buffer_size: int | None = pydantic.Field(
@@ -73,17 +86,11 @@ class FedBuff(Aggregator):
         state: AsyncState | None = None,
     ) -> AsyncResult:
         self.check_staleness(update, staleness)
-        if update.base_weights is None:
-            raise AggregationError(
-                "missing_base_weights", f"fedbuff needs the base weights of {update.client_id!r}'s update"
-            )
+        buffered, weight = weighted_delta("fedbuff", update, staleness)
         count = self._check_state(state, global_weights)
-        weight = staleness_weight(staleness)
-        # delta() allocates fresh float64 arrays: scale and accumulate in place, leaving `state` untouched.
-        buffered = delta(update.weights, update.base_weights)
-        for name, tensor in buffered.items():
-            tensor *= weight
-            if state is not None and count:
+        # Fresh arrays: accumulate in place, leaving `state` untouched.
+        if state is not None and count:
+            for name, tensor in buffered.items():
                 tensor += state.arrays[name]
         count += 1
         step = self.params.server_lr / self.buffer_size
