@@ -10,10 +10,10 @@ import os
 import sys
 
 from aws_cdk import App, Environment
+from fedstream.stacks.config import ConfigError
+from fedstream.stacks.fedstream_stack import create_stack
 
 from fedstream.registry import PluginError
-from stacks.config import ConfigError
-from stacks.fedstream_stack import create_stack
 
 
 def main() -> None:

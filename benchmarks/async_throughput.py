@@ -4,7 +4,7 @@
 are uploaded and recorded as clients would, before the stream poller starts (every new version is
 announced to ``--queues`` client queues: the embedded AWS's SNS delivers to each in turn, which
 costs it about as much as the rest of a batch at a few hundred queues); then the local
-runtime's stream poller hands them to ``handlers.async_update`` in batches of ``--batch`` and the
+runtime's stream poller hands them to ``fedstream.handlers.async_update`` in batches of ``--batch`` and the
 script times how long the handler takes to consume them all (FedAsync, ``max_staleness`` above the
 backlog so that every update is applied). It prints records per second, counting the handler's
 invocations only and counting the whole drain, and the AWS requests per record.
@@ -68,9 +68,10 @@ def main() -> None:
             client_ids=tuple(clients),
         )
         os.environ.update(settings.to_env())
+        from fedstream.handlers import async_update
+
         from fedstream.server.asynchronous import start_run
         from fedstream.server.store import Store, store_for
-        from handlers import async_update
 
         run_id = "run-bench"
         rng = np.random.default_rng(0)

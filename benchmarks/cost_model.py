@@ -33,11 +33,11 @@ os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")  # 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # one core, as benchmarks/aggregation_engine.py
 
 from aggregation_engine import examples, incoming, model_spec
+from fedstream.stacks import constants
+from fedstream.stacks.config import DeploymentConfig
 
 from fedstream.aggregation import WeightedSum
 from fedstream.weights import decode, encode, sha256_hex
-from stacks import constants
-from stacks.config import DeploymentConfig
 
 # AWS Lambda price list, x86_64, us-east-1, as published on aws.amazon.com/lambda/pricing in
 # 2025 (first pricing tier; checked 2025-06): $0.0000166667 per GB-second, $0.20 per 1M requests.

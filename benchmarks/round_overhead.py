@@ -129,7 +129,7 @@ def _record_identity(record: dict[str, Any]) -> tuple[str, int, int | None]:
 
 def run_recorded(config: LocalRunConfig) -> tuple[RunSummary, Recorder]:
     """One local run with the stream handler's invocations timed (the pollers look it up at start)."""
-    from handlers import aggregate, async_update
+    from fedstream.handlers import aggregate, async_update
 
     recorder = Recorder()
     originals = aggregate.lambda_handler, async_update.lambda_handler, BaseClient._make_api_call

@@ -229,7 +229,7 @@ def plot(results: list[Result], args: argparse.Namespace, path: Path) -> None:
 
 
 def dataset_available(name: str) -> bool:
-    from client.data import DatasetUnavailableError, load_dataset
+    from fedstream.client.data import DatasetUnavailableError, load_dataset
 
     try:
         load_dataset(name)
@@ -274,7 +274,7 @@ def main() -> None:
     if not dataset_available(args.dataset):
         return
 
-    from client.trainer import default_model_for
+    from fedstream.client.trainer import default_model_for
 
     scenarios = [Scenario.parse(text) for text in args.scenarios.split(",") if text.strip()]
     skipped = {text.strip() for text in args.skip.split(",") if text.strip()}

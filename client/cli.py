@@ -102,8 +102,8 @@ def run_client(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
-    from client.runner import FederatedClient
-    from client.trainer import build_trainer
+    from fedstream.client.runner import FederatedClient
+    from fedstream.client.trainer import build_trainer
 
     settings = client_settings(args)
     trainer: Any = build_trainer(

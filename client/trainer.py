@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
+from fedstream.client.data import ClientData, client_shard
 
-from client.data import ClientData, client_shard
 from fedstream.aggregation import Scalar, delta, global_norm
 from fedstream.weights import Weights
 
@@ -523,7 +523,7 @@ def load_user_trainer(
 
         import keras
         import numpy as np
-        from client.data import ClientData
+        from fedstream.client.data import ClientData
 
         def make(seed, **_):
             rows = np.load("/data/silo/features.npy")           # float32 (n, 20), never leaves
@@ -616,7 +616,7 @@ def build_trainer(
     """The client CLI's trainer: ``"keras"`` (the built-in model for the dataset), ``"numpy"``
     (logistic regression, no TensorFlow), or a ``"module:function"`` spec (:func:`load_user_trainer`).
 
-    The built-in kinds train on :func:`client.data.client_shard` of the dataset; ``learning_rate``
+    The built-in kinds train on :func:`fedstream.client.data.client_shard` of the dataset; ``learning_rate``
     defaults to each trainer's own.
     """
     if kind in ("keras", "numpy"):

@@ -7,7 +7,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMAND_MODULES = ("fedstream.offline", "fedstream.local.cli", "client.cli")
+COMMAND_MODULES = ("fedstream.offline", "fedstream.local.cli", "fedstream.client.cli")
 
 
 class CliError(Exception):

@@ -527,7 +527,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def privacy_command(args: argparse.Namespace) -> int:
-    from plugins.dp_noise import epsilon_for, rounds_within_budget
+    from fedstream.plugins.dp_noise import epsilon_for, rounds_within_budget
 
     z, q, delta = args.noise_multiplier, args.sample_rate, args.delta
     if not (math.isfinite(z) and z >= 0):

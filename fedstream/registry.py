@@ -1,8 +1,9 @@
 """Plugin discovery and the aggregator registry.
 
 ``get_plugin_manager()`` loads, in order: entry points of group ``fedstream`` (skipped when
-``FEDSTREAM_DISABLE_PLUGIN_AUTOLOAD`` is set), the built-in aggregator modules, and every module
-dropped into the ``plugins/`` folder (plus folders named in ``FEDSTREAM_PLUGIN_PATH``). All of them
+``FEDSTREAM_DISABLE_PLUGIN_AUTOLOAD`` is set), the built-in aggregator modules
+(``fedstream.plugins.*``), and every module dropped into the drop-in folder ``plugins/dropin/``
+(plus folders named in ``FEDSTREAM_PLUGIN_PATH``). All of them
 are registered with the same ``pm.register(module, name)`` call.
 """
 
@@ -26,15 +27,16 @@ from fedstream import hookspecs
 from fedstream.aggregation import Aggregator
 
 BUILTIN_MODULES = (
-    "plugins.fedavg",
-    "plugins.fedprox",
-    "plugins.dp_noise",
-    "plugins.fedasync",
-    "plugins.fedbuff",
-    "plugins.median",
-    "plugins.trimmed_mean",
-    "plugins.krum",
+    "fedstream.plugins.fedavg",
+    "fedstream.plugins.fedprox",
+    "fedstream.plugins.dp_noise",
+    "fedstream.plugins.fedasync",
+    "fedstream.plugins.fedbuff",
+    "fedstream.plugins.median",
+    "fedstream.plugins.trimmed_mean",
+    "fedstream.plugins.krum",
 )
+DROPIN_FOLDER = "dropin"
 AUTOLOAD_ENV = "FEDSTREAM_DISABLE_PLUGIN_AUTOLOAD"
 PLUGIN_PATH_ENV = "FEDSTREAM_PLUGIN_PATH"
 MODES = frozenset({"sync", "async"})
@@ -157,8 +159,16 @@ class AggregatorRegistry:
         return info.factory(validated, context)
 
 
+def dropin_dir() -> Path:
+    """The drop-in folder: ``plugins/dropin/`` beside the built-ins (``fedstream/plugins/dropin/``
+    once installed). It ships in the Lambda asset; a wheel carries none of its files."""
+    import fedstream.plugins
+
+    return Path(fedstream.plugins.__file__).resolve().parent / DROPIN_FOLDER
+
+
 def _plugin_dirs() -> list[Path]:
-    dirs = [Path(__file__).resolve().parent.parent / "plugins"]
+    dirs = [dropin_dir()]
     extra = os.environ.get(PLUGIN_PATH_ENV, "")
     dirs += [Path(p) for p in extra.split(os.pathsep) if p]
     return dirs

@@ -10,13 +10,13 @@ from aws_lambda_powertools.utilities.data_classes.dynamo_db_stream_event import 
     DynamoDBRecordEventName,
 )
 from aws_lambda_powertools.utilities.typing import LambdaContext
+from fedstream.handlers.observability import MetricUnit, count_rejection, logger, metrics, tracer
 
 from fedstream.errors import Refused
 from fedstream.registry import default_registry
 from fedstream.server import sync
 from fedstream.server.store import store_for
 from fedstream.settings import HandlerSettings
-from handlers.observability import MetricUnit, count_rejection, logger, metrics, tracer
 
 processor = BatchProcessor(event_type=EventType.DynamoDBStreams)
 

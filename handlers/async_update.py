@@ -16,14 +16,14 @@ from aws_lambda_powertools.utilities.data_classes.dynamo_db_stream_event import 
     DynamoDBRecordEventName,
 )
 from aws_lambda_powertools.utilities.typing import LambdaContext
+from fedstream.handlers.aggregate import correlation_keys
+from fedstream.handlers.observability import MetricUnit, count_rejection, logger, metrics, tracer
 
 from fedstream.registry import default_registry
 from fedstream.server import asynchronous
 from fedstream.server.asynchronous import Arrival, BatchCommit, Verdict
 from fedstream.server.store import store_for
 from fedstream.settings import HandlerSettings
-from handlers.aggregate import correlation_keys
-from handlers.observability import MetricUnit, count_rejection, logger, metrics, tracer
 
 
 def arrivals(event: dict[str, Any]) -> list[Arrival]:

@@ -19,14 +19,14 @@ import pydantic
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
+from fedstream.handlers.aggregate import emit_round_closed
+from fedstream.handlers.observability import count_rejection, logger, metrics, tracer
 
 from fedstream.registry import default_registry
 from fedstream.schemas import FinalizeRequest, ModelReady, TrainingComplete
 from fedstream.server import finalize, sync
 from fedstream.server.store import store_for
 from fedstream.settings import HandlerSettings
-from handlers.aggregate import emit_round_closed
-from handlers.observability import count_rejection, logger, metrics, tracer
 
 processor = BatchProcessor(event_type=EventType.SQS)
 _REQUEST = pydantic.TypeAdapter(

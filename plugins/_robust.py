@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import ClassVar
 
 import numpy as np
+from fedstream.plugins.fedbuff import FedBuffParams, default_buffer_size, weighted_delta
 
 from fedstream.aggregation import (
     AggregationError,
@@ -48,7 +49,6 @@ from fedstream.aggregation import (
     cast_like,
 )
 from fedstream.weights import Weights
-from plugins.fedbuff import FedBuffParams, default_buffer_size, weighted_delta
 
 # float64 scratch values per block, whatever the number of rows (2 MiB): beyond the held updates
 # and the result, a rule needs only this much.

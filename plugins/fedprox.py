@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import pydantic
+from fedstream.plugins.fedavg import FedAvg, FedAvgParams
 
 from fedstream import hookimpl
 from fedstream.aggregation import Scalar
-from plugins.fedavg import FedAvg, FedAvgParams
 
 
 class FedProxParams(FedAvgParams):

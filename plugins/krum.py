@@ -24,10 +24,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import pydantic
+from fedstream.plugins._robust import RobustAggregator, RobustParams, blocks, coordinatewise, mean_of_rows
 
 from fedstream import hookimpl
 from fedstream.weights import Weights
-from plugins._robust import RobustAggregator, RobustParams, blocks, coordinatewise, mean_of_rows
 
 
 class KrumParams(RobustParams):

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from fedstream.plugins._robust import RobustAggregator, RobustParams, coordinatewise, middle_mean
+
 from fedstream import hookimpl
 from fedstream.weights import Weights
-from plugins._robust import RobustAggregator, RobustParams, coordinatewise, middle_mean
 
 
 class MedianParams(RobustParams):

@@ -21,10 +21,10 @@ import math
 from collections.abc import Sequence
 
 import pydantic
+from fedstream.plugins._robust import RobustAggregator, RobustParams, coordinatewise, middle_mean
 
 from fedstream import hookimpl
 from fedstream.weights import Weights
-from plugins._robust import RobustAggregator, RobustParams, coordinatewise, middle_mean
 
 
 class TrimmedMeanParams(RobustParams):

@@ -9,25 +9,24 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import re
 import shutil
 import subprocess
 import sys
 import tomllib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import jsii
 from aws_cdk import AssetHashType, BundlingOptions, DockerImage, ILocalBundling
 from aws_cdk import aws_lambda as lambda_
-
-from stacks import constants
+from fedstream.stacks import constants
 
 # Bump when the recipe below changes, so the asset hash changes with it.
 RECIPE_VERSION = "1"
 _STRIPPED_DIRS = ("tests",)
-_IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", ".DS_Store")
 
 
 class BundlingError(RuntimeError):
@@ -67,6 +66,18 @@ def pip_platforms(machine: str = constants.LAMBDA_PIP_MACHINE) -> list[str]:
     return [*tags, f"manylinux2014_{machine}"]
 
 
+def package_sources(packages: Mapping[str, str] = constants.LAMBDA_PACKAGES) -> tuple[tuple[str, Path], ...]:
+    """(place in the asset, folder it comes from) for each package, wherever it is installed
+    (a checkout's ``handlers/`` folder, or ``site-packages/fedstream/handlers``)."""
+    sources = []
+    for destination, name in packages.items():
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise BundlingError(f"package {name} is not importable here")
+        sources.append((destination, Path(next(iter(spec.submodule_search_locations)))))
+    return tuple(sources)
+
+
 @dataclass(frozen=True)
 class LambdaAssetSpec:
     """What goes into the asset; its fingerprint is the asset hash."""
@@ -74,28 +85,33 @@ class LambdaAssetSpec:
     requirements: tuple[str, ...]
     python_version: str = constants.LAMBDA_PYTHON_VERSION
     machine: str = constants.LAMBDA_PIP_MACHINE
-    packages: tuple[str, ...] = constants.LAMBDA_PACKAGES
-    source_root: Path = field(default=constants.REPO_ROOT)
+    sources: tuple[tuple[str, Path], ...] = field(default_factory=package_sources)
 
     @classmethod
     def for_aggregator(cls, aggregator: str) -> LambdaAssetSpec:
         return cls(requirements=lambda_requirements(aggregator))
 
-    def source_files(self) -> Iterable[Path]:
-        for package in self.packages:
-            root = self.source_root / package
+    def source_files(self) -> Iterator[tuple[str, Path]]:
+        """(path in the asset, file) for every file the asset's packages hold, in a stable order."""
+        destinations = {destination for destination, _ in self.sources}
+        for destination, root in self.sources:
             if not (root / "__init__.py").is_file():
-                raise BundlingError(f"package {package}/ is missing from {self.source_root}")
+                raise BundlingError(f"package folder {root} (for {destination}/) has no __init__.py")
+            skipped = set(constants.LAMBDA_LEFT_OUT.get(destination, ()))
+            skipped |= {d.split("/")[-1] for d in destinations if d.rpartition("/")[0] == destination}
             for path in sorted(root.rglob("*")):
-                if path.is_file() and "__pycache__" not in path.parts and path.suffix not in {".pyc", ".pyo"}:
-                    yield path
+                relative = path.relative_to(root)
+                if relative.parts[0] in skipped or "__pycache__" in relative.parts:
+                    continue
+                if path.is_file() and path.suffix not in {".pyc", ".pyo"} and path.name != ".DS_Store":
+                    yield f"{destination}/{relative.as_posix()}", path
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
         for part in (RECIPE_VERSION, self.python_version, self.machine, *self.requirements):
             digest.update(part.encode() + b"\0")
-        for path in self.source_files():
-            digest.update(path.relative_to(self.source_root).as_posix().encode() + b"\0")
+        for name, path in self.source_files():
+            digest.update(name.encode() + b"\0")
             digest.update(hashlib.sha256(path.read_bytes()).digest())
         return digest.hexdigest()
 
@@ -128,11 +144,12 @@ def build_lambda_asset(spec: LambdaAssetSpec, output_dir: Path) -> Path:
         for directory in sorted(output_dir.glob(f"*/**/{stripped}"), reverse=True):
             if directory.is_dir():
                 shutil.rmtree(directory)
-    for package in spec.packages:
-        destination = output_dir / package
-        if destination.exists():
-            raise BundlingError(f"a dependency installed a top-level {package!r}, which clashes with ours")
-        shutil.copytree(spec.source_root / package, destination, ignore=_IGNORED)
+    if (output_dir / "fedstream").exists():
+        raise BundlingError("a dependency installed a top-level 'fedstream', which clashes with ours")
+    for name, path in spec.source_files():
+        destination = output_dir / name
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, destination)
     return output_dir
 
 
@@ -160,12 +177,12 @@ def lambda_code(spec: LambdaAssetSpec, prebuilt_dir: str | None = None) -> lambd
     """The asset as Lambda code: a prebuilt directory as is, else built by ``LocalPipBundling``."""
     if prebuilt_dir:
         path = Path(prebuilt_dir)
-        missing = [p for p in spec.packages if not (path / p / "__init__.py").is_file()]
+        missing = [d for d, _ in spec.sources if not (path / d / "__init__.py").is_file()]
         if missing:
             raise BundlingError(f"lambda_asset_dir {prebuilt_dir} lacks the packages {', '.join(missing)}")
         return lambda_.Code.from_asset(str(path))
     return lambda_.Code.from_asset(
-        str(spec.source_root),
+        str(spec.sources[0][1]),
         asset_hash_type=AssetHashType.CUSTOM,
         asset_hash=spec.fingerprint(),
         bundling=BundlingOptions(
@@ -177,10 +194,11 @@ def lambda_code(spec: LambdaAssetSpec, prebuilt_dir: str | None = None) -> lambd
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m stacks.bundling OUT_DIR [AGGREGATOR]``: build the asset outside CDK (for CI caches)."""
+    """``python -m fedstream.stacks.bundling OUT_DIR [AGGREGATOR]``: build the asset outside CDK
+    (for CI caches)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
-        print("usage: python -m stacks.bundling OUT_DIR [AGGREGATOR]", file=sys.stderr)
+        print("usage: python -m fedstream.stacks.bundling OUT_DIR [AGGREGATOR]", file=sys.stderr)
         return 2
     spec = LambdaAssetSpec.for_aggregator(args[1] if len(args) > 1 else "fedavg")
     out = build_lambda_asset(spec, Path(args[0]))

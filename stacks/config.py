@@ -19,14 +19,14 @@ from typing import Any, Literal
 import pydantic
 from aws_cdk import RemovalPolicy
 from aws_cdk import aws_logs as logs
+from fedstream.plugins.fedbuff import default_buffer_size
+from fedstream.stacks import constants
+from fedstream.stacks.constructs.client_access import ClientTrust, role_output_name
 
 from fedstream.bounds import InfluenceBounds
 from fedstream.registry import AggregatorRegistry, PluginError, default_registry
 from fedstream.schemas import IDENTIFIER
 from fedstream.settings import HandlerSettings
-from plugins.fedbuff import default_buffer_size
-from stacks import constants
-from stacks.constructs.client_access import ClientTrust, role_output_name
 
 # The retention periods CloudWatch Logs offers, in days.
 _RETENTION_DAYS = {

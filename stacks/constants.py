@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 
 from aws_cdk import aws_lambda as lambda_
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-STATE_MACHINE_DEFINITION = REPO_ROOT / "stacks" / "state_machine.asl.json"
-PYPROJECT = REPO_ROOT / "pyproject.toml"
+# The sync state machine's definition, package data of fedstream.stacks (read, never executed).
+STATE_MACHINE_DEFINITION = files("fedstream.stacks") / "state_machine.asl.json"
+# The project file the Lambda asset takes its requirements from: deploys run from a checkout.
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 DEFAULT_STACK_NAME = "Fedstream"
 PROJECT_TAG = "fedstream"
@@ -25,17 +27,24 @@ LAMBDA_RUNTIME = lambda_.Runtime.PYTHON_3_13
 LAMBDA_PYTHON_VERSION = "3.13"
 # Amazon Linux 2023 (the python3.12+ runtimes) ships glibc 2.34: any manylinux wheel up to that runs.
 LAMBDA_GLIBC_MAX = (2, 34)
-LAMBDA_PACKAGES = ("fedstream", "handlers", "plugins")
+# The asset's code: where each package goes under the asset root, and which package it is. The
+# core's client, stack and local runtime stay out (the functions never import them).
+LAMBDA_PACKAGES = {
+    "fedstream": "fedstream",
+    "fedstream/handlers": "fedstream.handlers",
+    "fedstream/plugins": "fedstream.plugins",
+}
+LAMBDA_LEFT_OUT = {"fedstream": ("client", "stacks", "local")}
 # Requirements of the asset come from pyproject.toml ([project].dependencies + the "server" extra);
 # dp-accounting (and the scipy it pulls: ~150 MB of the 250 MB unzipped limit) ships only when the
-# chosen aggregator needs it. plugins/dp_noise.py imports it lazily, so nothing else does.
+# chosen aggregator needs it. fedstream.plugins.dp_noise imports it lazily, so nothing else does.
 LAMBDA_REQUIREMENTS_EXTRA = "server"
 OPTIONAL_REQUIREMENTS = {"dp-accounting": frozenset({"dp-noise"})}
 LAMBDA_UNZIPPED_LIMIT_BYTES = 250 * 1024 * 1024
 
-HANDLER_AGGREGATE = "handlers.aggregate.lambda_handler"
-HANDLER_FINALIZE = "handlers.finalize.lambda_handler"
-HANDLER_ASYNC_UPDATE = "handlers.async_update.lambda_handler"
+HANDLER_AGGREGATE = "fedstream.handlers.aggregate.lambda_handler"
+HANDLER_FINALIZE = "fedstream.handlers.finalize.lambda_handler"
+HANDLER_ASYNC_UPDATE = "fedstream.handlers.async_update.lambda_handler"
 
 # Memory: the global model (1x), the float32 running sum (1x), the mean (1x) and the encoded new
 # version (1x), plus one update per download thread in flight, on top of the interpreter with numpy

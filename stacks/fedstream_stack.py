@@ -8,19 +8,19 @@ from typing import Any
 from aws_cdk import App, Aws, CfnOutput, Duration, Environment, Stack, Tags, Validations
 from cdk_nag import AwsSolutionsChecks
 from constructs import Construct
+from fedstream.stacks import constants
+from fedstream.stacks.bundling import LambdaAssetSpec, lambda_code
+from fedstream.stacks.config import DeploymentConfig
+from fedstream.stacks.constructs.client_access import ClientAccess, role_output_name
+from fedstream.stacks.constructs.encryption import EncryptionKey
+from fedstream.stacks.constructs.functions import Functions, FunctionSizing
+from fedstream.stacks.constructs.messaging import Messaging
+from fedstream.stacks.constructs.observability import Observability
+from fedstream.stacks.constructs.orchestration import Orchestration
+from fedstream.stacks.constructs.storage import Storage
 
 from fedstream.registry import AggregatorRegistry, default_registry
 from fedstream.settings import ClientSettings
-from stacks import constants
-from stacks.bundling import LambdaAssetSpec, lambda_code
-from stacks.config import DeploymentConfig
-from stacks.constructs.client_access import ClientAccess, role_output_name
-from stacks.constructs.encryption import EncryptionKey
-from stacks.constructs.functions import Functions, FunctionSizing
-from stacks.constructs.messaging import Messaging
-from stacks.constructs.observability import Observability
-from stacks.constructs.orchestration import Orchestration
-from stacks.constructs.storage import Storage
 
 
 class FedstreamStack(Stack):

@@ -1,6 +1,6 @@
 """The local runtime's clients: real ``fedstream client`` processes, or threads for many light ones.
 
-Both run the same :class:`client.runner.FederatedClient` loop against the embedded AWS. A process
+Both run the same :class:`fedstream.client.runner.FederatedClient` loop against the embedded AWS. A process
 client is what a silo runs; a thread client shares this process (one boto3 session, no interpreter
 start-up), which is how a load test runs hundreds of clients on one machine.
 """

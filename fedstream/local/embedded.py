@@ -11,14 +11,15 @@ import sys
 import threading
 import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
+from importlib.resources import files
 from typing import Any
 
 import boto3
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
-STATE_MACHINE_FILE = Path(__file__).resolve().parents[2] / "stacks" / "state_machine.asl.json"
+# Package data of fedstream.stacks (the repo's stacks/ folder): the same definition the stack deploys.
+STATE_MACHINE_FILE = files("fedstream.stacks") / "state_machine.asl.json"
 
 
 def aws_environment(endpoint: str, port: int) -> dict[str, str]:

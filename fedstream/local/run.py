@@ -126,8 +126,8 @@ class _Evaluator:
     """Central evaluation of each global version on the held-out test set (a simulation luxury)."""
 
     def __init__(self, config: LocalRunConfig) -> None:
-        from client.data import ClientData, load_dataset
-        from client.trainer import KerasTrainer, NumpyTrainer, default_model_for
+        from fedstream.client.data import ClientData, load_dataset
+        from fedstream.client.trainer import KerasTrainer, NumpyTrainer, default_model_for
 
         ds = load_dataset(config.dataset)
         data = ClientData(ds.x_test[:1], ds.y_test[:1], ds.x_test, ds.y_test, num_classes=ds.num_classes)
@@ -136,7 +136,7 @@ class _Evaluator:
         elif config.trainer == "keras":
             self.trainer = KerasTrainer(default_model_for(config.dataset), data, seed=config.seed)
         elif config.trainer.split(":")[0] == "instant":
-            from client.trainer import build_trainer
+            from fedstream.client.trainer import build_trainer
 
             self.trainer = build_trainer(config.trainer, config.dataset, "iid", 1, 0, seed=config.seed)
         else:
@@ -453,7 +453,7 @@ def _pollers(
     aws: EmbeddedAWS, resources: Resources, mode: str, *, redeliver_batches: int = 0
 ) -> list[Poller]:
     """The run's event sources, not started yet."""
-    from handlers import aggregate, async_update, finalize
+    from fedstream.handlers import aggregate, async_update, finalize
 
     stream_handler = async_update.lambda_handler if mode == "async" else aggregate.lambda_handler
     sqs = aws.client("sqs")
@@ -553,9 +553,9 @@ def _thread_client(
     straggler: bool,
     log_path: Path,
 ) -> ThreadClient:
-    from client.cli import SlowTrainer
-    from client.runner import FederatedClient
-    from client.trainer import build_trainer
+    from fedstream.client.cli import SlowTrainer
+    from fedstream.client.runner import FederatedClient
+    from fedstream.client.trainer import build_trainer
     from fedstream.settings import ClientSettings
 
     trainer: Any = build_trainer(

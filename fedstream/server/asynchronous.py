@@ -58,7 +58,7 @@ from fedstream.errors import Refused
 from fedstream.registry import AggregatorRegistry
 from fedstream.schemas import ModelReady, TrainingComplete, UpdateRecord
 from fedstream.server.records import Rejected, check_identity, digest_sk, load_update, parse_record, prefetch
-from fedstream.server.store import ConditionFailed, GlobalModel, MissingObject, Store
+from fedstream.server.store import ConditionFailed, GlobalModel, MissingObject, Repository
 from fedstream.settings import HandlerSettings
 from fedstream.weights import Weights, all_finite, decode, encode, sha256_hex
 
@@ -141,7 +141,7 @@ class BatchResult:
 
 
 def start_run(
-    store: Store,
+    store: Repository,
     run_id: str,
     weights_data: bytes,
     *,
@@ -194,7 +194,7 @@ def start_run(
 
 
 def handle_async_batch(
-    store: Store, settings: HandlerSettings, registry: AggregatorRegistry, arrivals: Sequence[Arrival]
+    store: Repository, settings: HandlerSettings, registry: AggregatorRegistry, arrivals: Sequence[Arrival]
 ) -> BatchResult:
     """Judge, apply and commit a batch of update records; one verdict per record, in order.
 
@@ -253,7 +253,7 @@ class _Plan:
 
 class _RunBatch:
     def __init__(
-        self, store: Store, settings: HandlerSettings, registry: AggregatorRegistry, run_id: str
+        self, store: Repository, settings: HandlerSettings, registry: AggregatorRegistry, run_id: str
     ) -> None:
         self.store, self.settings, self.run_id = store, settings, run_id
         self.registry = registry
@@ -644,7 +644,7 @@ class _RunBatch:
         )
 
 
-def end_run(store: Store, run_id: str, reason: str, version: int) -> bool:
+def end_run(store: Repository, run_id: str, reason: str, version: int) -> bool:
     """Mark the run finished and tell every client; False if it had already ended."""
     try:
         store.finish_run(run_id, reason, _now())

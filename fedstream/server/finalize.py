@@ -16,7 +16,7 @@ from typing import Any
 
 from fedstream.registry import AggregatorRegistry
 from fedstream.server.records import Rejected
-from fedstream.server.store import ConditionFailed, Store
+from fedstream.server.store import ConditionFailed, Repository
 from fedstream.server.sync import RoundClosed, _now, close_round, deliver_round_result
 from fedstream.settings import HandlerSettings
 
@@ -33,7 +33,7 @@ class RoundBusy(Exception):
 
 
 def finalize_round(
-    store: Store,
+    store: Repository,
     settings: HandlerSettings,
     registry: AggregatorRegistry,
     run_id: str,
@@ -114,7 +114,7 @@ def round_deadline(item: Mapping[str, Any]) -> datetime | None:
 
 
 def check_finalize_request(
-    store: Store, run_id: str, round_number: int, token: str, finalize_id: str
+    store: Repository, run_id: str, round_number: int, token: str, finalize_id: str
 ) -> dict[str, Any]:
     """The round item, if the request is the state machine's ``FinalizeRound`` for this round.
 

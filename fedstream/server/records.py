@@ -19,7 +19,7 @@ import pydantic
 from fedstream import keys
 from fedstream.errors import Refused
 from fedstream.schemas import UpdateRecord
-from fedstream.server.store import MissingObject, Store, UnreadableObject
+from fedstream.server.store import MissingObject, Repository, UnreadableObject
 from fedstream.settings import HandlerSettings
 from fedstream.weights import ModelSpec, decode
 
@@ -78,7 +78,7 @@ class ObjectRef(Protocol):
     sha256: str
 
 
-def load_update(store: Store, ref: ObjectRef, spec: ModelSpec) -> tuple[Any, int, str | None]:
+def load_update(store: Repository, ref: ObjectRef, spec: ModelSpec) -> tuple[Any, int, str | None]:
     """Download, verify and decode an update against the global model's spec.
 
     Returns (weights, payload bytes, S3 version id). A ``ValidatedReport`` with a version id is

@@ -6,6 +6,10 @@ protocol's writes and the async step's commit are domain verbs here (``add_repor
 written elsewhere. The local runtime hooks the class's boto3 clients to inject faults. Clients are
 created once per process (a warm Lambda reuses them) and the global models are cached by (run,
 version): versions are write-once.
+
+``Repository`` is the seam: exactly what the server code calls on a store. ``Store`` is the AWS
+implementation; ``fedstream.server.memory.MemoryStore`` an in-memory one with the same semantics,
+for tests and local reasoning. Both share the per-process caches of ``StoreCaches``.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import boto3
 from botocore.config import Config
@@ -95,66 +99,138 @@ class GlobalModel:
         return ModelSpec.of(self.weights)
 
 
-class Store:
-    def __init__(self, settings: HandlerSettings, session: boto3.Session | None = None) -> None:
-        self.settings = settings
-        session = session or _shared_session()
-        endpoint = os.environ.get("FEDSTREAM_ENDPOINT_URL") or None
-        self.s3 = session.client("s3", config=_BOTO_CONFIG, endpoint_url=endpoint)
-        self.dynamodb = session.resource("dynamodb", config=_BOTO_CONFIG, endpoint_url=endpoint)
-        self.sfn = session.client("stepfunctions", config=_BOTO_CONFIG, endpoint_url=endpoint)
-        self.sns = session.client("sns", config=_BOTO_CONFIG, endpoint_url=endpoint)
-        self.runs = self.dynamodb.Table(settings.run_table)
-        self.updates = self.dynamodb.Table(settings.updates_table)
+@runtime_checkable
+class Repository(Protocol):
+    """The seam between the server code and its storage: exactly what ``fedstream.server`` (and the
+    handlers, through it) calls on a store. ``Store`` implements it on AWS; ``MemoryStore``
+    (``fedstream.server.memory``) in memory, with the same conditions and the same exceptions.
+
+    Every DynamoDB write is a domain verb, one conditional write (or one transaction):
+    ``ConditionFailed`` means the item was not as the verb requires, and nothing was written.
+    """
+
+    settings: HandlerSettings
+
+    # ---- S3: objects by key; a versioned bucket names the version read --------------------------
+    def get_bytes(self, key: str, limit: int | None = None) -> bytes: ...
+
+    def get_object(
+        self, key: str, version_id: str | None = None, *, limit: int | None = None
+    ) -> tuple[bytes, str | None]: ...
+
+    def put_once(self, key: str, data: bytes) -> bool: ...
+
+    def put(self, key: str, data: bytes) -> None: ...
+
+    # ---- this process's caches (a warm Lambda keeps them between invocations) ------------------
+    def remember_blob(self, key: str, data: bytes) -> None: ...
+
+    def cached_blob(self, key: str) -> bytes | None: ...
+
+    def remember_run_state(self, run_id: str, state: Mapping[str, Any]) -> None: ...
+
+    def cached_run_state(self, run_id: str) -> dict[str, Any] | None: ...
+
+    def forget_run_state(self, run_id: str) -> None: ...
+
+    def cached_global_model(self, run_id: str, version: int) -> GlobalModel | None: ...
+
+    def global_model(self, run_id: str, version: int, key: str | None = None) -> GlobalModel: ...
+
+    def remember_global_model(
+        self, run_id: str, version: int, key: str, data: bytes, sha256: str | None = None
+    ) -> GlobalModel: ...
+
+    # ---- the run table: consistent reads, items as plain Python values (``plain``) --------------
+    def run_state(self, run_id: str) -> dict[str, Any] | None: ...
+
+    def round_item(self, run_id: str, round_number: int) -> dict[str, Any] | None: ...
+
+    def run_items(self, run_id: str, sort_keys: list[str]) -> dict[str, dict[str, Any]]: ...
+
+    # ---- sync rounds -----------------------------------------------------------------------------
+    def bind_object(
+        self, run_id: str, client_id: str, sha256: str, object_key: str, used_in: str
+    ) -> None: ...
+
+    def add_report(
+        self,
+        run_id: str,
+        round_number: int,
+        client_id: str,
+        base_version: int,
+        report: str,
+        task_token: str | None,
+        now: str,
+    ) -> dict[str, Any]: ...
+
+    def claim_round(
+        self, run_id: str, round_number: int, claim_id: str, min_reports: int, now: float, stale_before: float
+    ) -> dict[str, Any]: ...
+
+    def release_claim(self, run_id: str, round_number: int, claim_id: str) -> None: ...
+
+    def set_round_flag(self, run_id: str, round_number: int, flag: str, now: str) -> None: ...
+
+    def clear_round_flag(self, run_id: str, round_number: int, flag: str) -> None: ...
+
+    def record_round_token(self, run_id: str, round_number: int, token: str) -> None: ...
+
+    def fail_round(
+        self, run_id: str, round_number: int, why: str, *, below_quorum: int | None = None
+    ) -> None: ...
+
+    def close_round(self, run_id: str, round_number: int, result: str, now: str) -> dict[str, Any]: ...
+
+    def pin_finalize_token(
+        self, run_id: str, round_number: int, finalize_id: str, token: str
+    ) -> dict[str, Any]: ...
+
+    def publish_version(self, run_id: str, expected: int, fields: Mapping[str, Any]) -> None: ...
+
+    def finish_run(self, run_id: str, reason: str, now: str) -> None: ...
+
+    def create_items(self, items: list[dict[str, Any]]) -> None: ...
+
+    # ---- async steps -----------------------------------------------------------------------------
+    def commit_async_step(
+        self,
+        run_id: str,
+        sets: Mapping[str, Any],
+        *,
+        expected: tuple[int, int, Any],
+        counters: Mapping[str, int],
+        new_items: list[dict[str, Any]],
+    ) -> None: ...
+
+    # ---- Step Functions callbacks and the model topic --------------------------------------------
+    def send_task_success(self, token: str, output: Mapping[str, Any]) -> bool: ...
+
+    def send_task_failure(self, token: str, error: str, cause: str) -> bool: ...
+
+    def publish(self, message: Mapping[str, Any]) -> None: ...
+
+
+class StoreCaches:
+    """What one process keeps between invocations, whatever the storage behind it: the last global
+    models (by run and version: versions are write-once), the last blobs it wrote and the run states
+    it committed. A subclass provides ``settings`` and ``get_object``."""
+
+    settings: HandlerSettings
+
+    def __init__(self) -> None:
         self._models: OrderedDict[tuple[str, int], GlobalModel] = OrderedDict()
         self._blobs: OrderedDict[str, bytes] = OrderedDict()
         self._run_states: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
 
-    # ---- S3 -------------------------------------------------------------------------------
-    def get_bytes(self, key: str, limit: int | None = None) -> bytes:
-        return self.get_object(key, limit=limit)[0]
-
     def get_object(
         self, key: str, version_id: str | None = None, *, limit: int | None = None
     ) -> tuple[bytes, str | None]:
-        """An object's bytes and S3 version id (None on an unversioned bucket).
+        raise NotImplementedError
 
-        With ``version_id``, exactly that version: immutable, so bytes checked once need no
-        second check. Objects over ``limit`` bytes (default: ``max_model_bytes``) are refused.
-        """
-        limit = limit or self.settings.max_model_bytes
-        kwargs = {"VersionId": version_id} if version_id else {}
-        try:
-            response = self.s3.get_object(Bucket=self.settings.bucket, Key=key, **kwargs)
-        except ClientError as exc:
-            if is_code(exc, "NoSuchKey", "NoSuchVersion", "404", "NotFound"):
-                what = f"version {version_id} of " if version_id else ""
-                raise MissingObject(f"{what}s3://{self.settings.bucket}/{key} does not exist") from exc
-            if is_code(exc, *_UNREADABLE):
-                code = exc.response["Error"]["Code"]  # type: ignore[attr-defined]
-                raise UnreadableObject(f"s3://{self.settings.bucket}/{key} cannot be read ({code})") from exc
-            raise
-        if response.get("ContentLength", 0) > limit:
-            response["Body"].close()
-            raise WireFormatError(
-                "too_large", f"object {key} has {response['ContentLength']} bytes > {limit}"
-            )
-        version = response.get("VersionId")
-        return response["Body"].read(), (None if version in (None, "null") else str(version))
-
-    def put_once(self, key: str, data: bytes) -> bool:
-        """Write-once put; False when the key already exists (nothing is overwritten)."""
-        try:
-            self.s3.put_object(Bucket=self.settings.bucket, Key=key, Body=data, IfNoneMatch="*")
-        except ClientError as exc:
-            if is_code(exc, "PreconditionFailed", "ConditionalRequestConflict"):
-                return False
-            raise
-        return True
-
-    def put(self, key: str, data: bytes) -> None:
-        self.s3.put_object(Bucket=self.settings.bucket, Key=key, Body=data)
+    def get_bytes(self, key: str, limit: int | None = None) -> bytes:
+        return self.get_object(key, limit=limit)[0]
 
     def remember_blob(self, key: str, data: bytes) -> None:
         """Keep the bytes of a write-once object this process just wrote (the last two)."""
@@ -214,6 +290,64 @@ class Store:
             while len(self._models) > 8:
                 self._models.popitem(last=False)
         return model
+
+
+class Store(StoreCaches):
+    """``Repository`` on AWS: S3, DynamoDB, Step Functions and SNS through boto3."""
+
+    def __init__(self, settings: HandlerSettings, session: boto3.Session | None = None) -> None:
+        super().__init__()
+        self.settings = settings
+        session = session or _shared_session()
+        endpoint = os.environ.get("FEDSTREAM_ENDPOINT_URL") or None
+        self.s3 = session.client("s3", config=_BOTO_CONFIG, endpoint_url=endpoint)
+        self.dynamodb = session.resource("dynamodb", config=_BOTO_CONFIG, endpoint_url=endpoint)
+        self.sfn = session.client("stepfunctions", config=_BOTO_CONFIG, endpoint_url=endpoint)
+        self.sns = session.client("sns", config=_BOTO_CONFIG, endpoint_url=endpoint)
+        self.runs = self.dynamodb.Table(settings.run_table)
+        self.updates = self.dynamodb.Table(settings.updates_table)
+
+    # ---- S3 -------------------------------------------------------------------------------
+    def get_object(
+        self, key: str, version_id: str | None = None, *, limit: int | None = None
+    ) -> tuple[bytes, str | None]:
+        """An object's bytes and S3 version id (None on an unversioned bucket).
+
+        With ``version_id``, exactly that version: immutable, so bytes checked once need no
+        second check. Objects over ``limit`` bytes (default: ``max_model_bytes``) are refused.
+        """
+        limit = limit or self.settings.max_model_bytes
+        kwargs = {"VersionId": version_id} if version_id else {}
+        try:
+            response = self.s3.get_object(Bucket=self.settings.bucket, Key=key, **kwargs)
+        except ClientError as exc:
+            if is_code(exc, "NoSuchKey", "NoSuchVersion", "404", "NotFound"):
+                what = f"version {version_id} of " if version_id else ""
+                raise MissingObject(f"{what}s3://{self.settings.bucket}/{key} does not exist") from exc
+            if is_code(exc, *_UNREADABLE):
+                code = exc.response["Error"]["Code"]  # type: ignore[attr-defined]
+                raise UnreadableObject(f"s3://{self.settings.bucket}/{key} cannot be read ({code})") from exc
+            raise
+        if response.get("ContentLength", 0) > limit:
+            response["Body"].close()
+            raise WireFormatError(
+                "too_large", f"object {key} has {response['ContentLength']} bytes > {limit}"
+            )
+        version = response.get("VersionId")
+        return response["Body"].read(), (None if version in (None, "null") else str(version))
+
+    def put_once(self, key: str, data: bytes) -> bool:
+        """Write-once put; False when the key already exists (nothing is overwritten)."""
+        try:
+            self.s3.put_object(Bucket=self.settings.bucket, Key=key, Body=data, IfNoneMatch="*")
+        except ClientError as exc:
+            if is_code(exc, "PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
+        return True
+
+    def put(self, key: str, data: bytes) -> None:
+        self.s3.put_object(Bucket=self.settings.bucket, Key=key, Body=data)
 
     # ---- DynamoDB ---------------------------------------------------------------------------
     def run_state(self, run_id: str) -> dict[str, Any] | None:

@@ -32,7 +32,7 @@ from fedstream.server.records import (
     parse_record,
     prefetch,
 )
-from fedstream.server.store import ConditionFailed, MissingObject, Store, own_object
+from fedstream.server.store import ConditionFailed, MissingObject, Repository, own_object
 from fedstream.settings import HandlerSettings
 from fedstream.weights import WireFormatError, decode, encode, sha256_hex
 
@@ -102,7 +102,7 @@ def report_attribute(client_id: str) -> str:
     return f"report#{client_id}"
 
 
-def register_report(store: Store, settings: HandlerSettings, record: UpdateRecord) -> Registered:
+def register_report(store: Repository, settings: HandlerSettings, record: UpdateRecord) -> Registered:
     """Validate one sync update record and add its client to the round's reports (idempotent).
 
     Cheap checks first: one read of the round and of the client's earlier use of this object
@@ -162,7 +162,7 @@ def _replay(record: UpdateRecord, used: Mapping[str, Any] | None) -> Rejected:
     )
 
 
-def _why_not_registered(store: Store, record: UpdateRecord) -> Rejected:
+def _why_not_registered(store: Repository, record: UpdateRecord) -> Rejected:
     """Why a record cannot be registered, read from the round as it is now."""
     assert record.round is not None
     refusal = _refusal(store, record, store.round_item(record.run_id, record.round), None)
@@ -172,7 +172,7 @@ def _why_not_registered(store: Store, record: UpdateRecord) -> Rejected:
 
 
 def _refusal(
-    store: Store, record: UpdateRecord, item: Mapping[str, Any] | None, used: Mapping[str, Any] | None
+    store: Repository, record: UpdateRecord, item: Mapping[str, Any] | None, used: Mapping[str, Any] | None
 ) -> Rejected | None:
     """Why the round ``item`` (as read) refuses ``record``, or None if it would take it.
 
@@ -207,7 +207,7 @@ def _refusal(
 
 
 def handle_sync_record(
-    store: Store,
+    store: Repository,
     settings: HandlerSettings,
     registry: AggregatorRegistry,
     image: Mapping[str, Any],
@@ -242,7 +242,7 @@ def handle_sync_record(
 
 
 def _close_if_complete(
-    store: Store, settings: HandlerSettings, registry: AggregatorRegistry, run_id: str, round_number: int
+    store: Repository, settings: HandlerSettings, registry: AggregatorRegistry, run_id: str, round_number: int
 ) -> RoundClosed | None:
     item = store.round_item(run_id, round_number)
     if item is None:
@@ -252,7 +252,7 @@ def _close_if_complete(
 
 
 def claim_round(
-    store: Store, run_id: str, round_number: int, min_reports: int
+    store: Repository, run_id: str, round_number: int, min_reports: int
 ) -> tuple[str, dict[str, Any]] | None:
     """Take the right to aggregate a round: (claim id, the round item as claimed), or None if it
     is not ready or someone else holds it."""
@@ -265,7 +265,7 @@ def claim_round(
     return claim_id, item
 
 
-def release_claim(store: Store, run_id: str, round_number: int, claim_id: str) -> bool:
+def release_claim(store: Repository, run_id: str, round_number: int, claim_id: str) -> bool:
     """Give a claim back (its holder failed before closing), so a retry can aggregate at once."""
     try:
         store.release_claim(run_id, round_number, claim_id)
@@ -275,7 +275,7 @@ def release_claim(store: Store, run_id: str, round_number: int, claim_id: str) -
 
 
 def close_round(
-    store: Store,
+    store: Repository,
     settings: HandlerSettings,
     registry: AggregatorRegistry,
     run_id: str,
@@ -326,7 +326,7 @@ def close_round(
 
 
 def deliver_round_result(
-    store: Store,
+    store: Repository,
     run_id: str,
     round_number: int,
     *,
@@ -360,7 +360,7 @@ def deliver_round_result(
         raise
 
 
-def record_round_token(store: Store, run_id: str, round_number: int, token: str) -> bool:
+def record_round_token(store: Repository, run_id: str, round_number: int, token: str) -> bool:
     """Keep the round's task token, as published by the state machine; deliver if already closed.
 
     Only the state machine can publish to the topic, and only the topic can send to the finalize
@@ -390,7 +390,7 @@ def round_output(closed: RoundClosed) -> dict[str, Any]:
 
 
 def _fail_round(
-    store: Store, run_id: str, round_number: int, token: str | None, error: str, cause: str
+    store: Repository, run_id: str, round_number: int, token: str | None, error: str, cause: str
 ) -> None:
     store.fail_round(run_id, round_number, f"{error}: {cause}")
     if token:
@@ -398,7 +398,7 @@ def _fail_round(
 
 
 def _aggregate_and_publish(
-    store: Store,
+    store: Repository,
     settings: HandlerSettings,
     registry: AggregatorRegistry,
     state: Mapping[str, Any],

@@ -27,9 +27,8 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
-
-from stacks.constructs.encryption import EncryptionKey
-from stacks.constructs.nag import acknowledge_wildcards
+from fedstream.stacks.constructs.encryption import EncryptionKey
+from fedstream.stacks.constructs.nag import acknowledge_wildcards
 
 _GLOBAL_READ_REASON = (
     "Run ids are chosen when a run starts; a client reads the global versions of any run of this "

@@ -21,11 +21,10 @@ from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sqs as sqs
 from aws_cdk import aws_stepfunctions as sfn
 from constructs import Construct
-
-from stacks import constants
-from stacks.constructs.encryption import EncryptionKey
-from stacks.constructs.messaging import only_these_publish
-from stacks.constructs.nag import acknowledge, add_statement
+from fedstream.stacks import constants
+from fedstream.stacks.constructs.encryption import EncryptionKey
+from fedstream.stacks.constructs.messaging import only_these_publish
+from fedstream.stacks.constructs.nag import acknowledge, add_statement
 
 _S3_WILDCARD_REASON = (
     "Run ids are created at run time; the server reads every object of a run (runs/*) and writes only "

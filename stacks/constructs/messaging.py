@@ -10,9 +10,8 @@ from aws_cdk import aws_kms as kms
 from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
-
-from stacks import constants
-from stacks.constructs.nag import acknowledge
+from fedstream.stacks import constants
+from fedstream.stacks.constructs.nag import acknowledge
 
 
 class Messaging(Construct):

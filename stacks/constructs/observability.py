@@ -22,8 +22,7 @@ from aws_cdk import aws_sns_subscriptions as subscriptions
 from aws_cdk import aws_sqs as sqs
 from aws_cdk import aws_stepfunctions as sfn
 from constructs import Construct
-
-from stacks import constants
+from fedstream.stacks import constants
 
 PERIOD = Duration.minutes(constants.DASHBOARD_PERIOD_MINUTES)
 _WIDE, _HALF, _THIRD, _HEIGHT = 24, 12, 8, 6

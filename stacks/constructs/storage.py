@@ -7,8 +7,7 @@ from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
-
-from stacks import constants
+from fedstream.stacks import constants
 
 ACCESS_LOG_RETENTION_DAYS = 90
 

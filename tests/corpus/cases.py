@@ -8,7 +8,7 @@ mode, and the good updates already uploaded), produces one hostile input on one 
   batch with good updates (``tests/handlers/test_corpus.py``);
 - ``finalize``: a body for the finalize queue (only the state machine may send there);
 - ``client_queue``: a body for a client's own queue (only the topic delivers there), which the
-  client parses with ``client.runner._MESSAGE`` and, for "global model ready", follows.
+  client parses with ``fedstream.client.runner._MESSAGE`` and, for "global model ready", follows.
 
 Each case names what must happen, per mode (a mode it does not apply to is absent): the rejection
 ``reason`` (the ``UpdatesRejected`` metric's dimension and the log's ``reason``) and a fragment of
@@ -104,7 +104,7 @@ def client_record(
     store: bool = True,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """Upload ``payload`` (None: upload nothing) and put the record, as ``client.runner`` does.
+    """Upload ``payload`` (None: upload nothing) and put the record, as ``fedstream.client.runner`` does.
 
     ``version`` is the base version the key, update id and record are made for; ``overrides``
     replace record fields after that (``DELETE`` drops one).

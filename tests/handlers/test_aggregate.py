@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fedstream.handlers import aggregate
 
 from fedstream import keys
 from fedstream.aggregation import AggregationError
@@ -16,7 +17,6 @@ from fedstream.registry import default_registry
 from fedstream.server import sync
 from fedstream.server.store import Store
 from fedstream.weights import decode
-from handlers import aggregate
 from tests.handlers.conftest import FakeContext, SyncWorld, stream_event
 
 

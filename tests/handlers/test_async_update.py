@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fedstream.handlers import async_update
 
 from fedstream import faults
 from fedstream.local.logs import metric_counts
@@ -18,7 +19,6 @@ from fedstream.registry import default_registry
 from fedstream.server import asynchronous
 from fedstream.server.asynchronous import Arrival
 from fedstream.weights import decode, encode
-from handlers import async_update
 from tests.handlers.conftest import FakeContext, SyncWorld, stream_event
 
 

@@ -17,13 +17,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fedstream.client.runner import FederatedClient
+from fedstream.handlers import aggregate, async_update, finalize
 
-from client.runner import FederatedClient
 from fedstream.bounds import InfluenceBounds
 from fedstream.local.logs import json_lines, metric_counts
 from fedstream.settings import ClientSettings
 from fedstream.weights import Weights, decode
-from handlers import aggregate, async_update, finalize
 from tests.corpus.cases import (
     BAD_CLIENT,
     CASES,

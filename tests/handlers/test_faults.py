@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fedstream.handlers import aggregate
 
 from fedstream import faults
 from fedstream.server.store import Store
-from handlers import aggregate
 from tests.handlers.conftest import FakeContext, SyncWorld, stream_event
 from tests.handlers.test_aggregate import expected_mean, global_version, good_items
 

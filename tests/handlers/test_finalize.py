@@ -12,11 +12,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from fedstream.handlers import aggregate, finalize
 
 from fedstream.local.logs import json_lines, metric_counts
 from fedstream.schemas import FinalizeRequest
 from fedstream.server.store import Store
-from handlers import aggregate, finalize
 from tests.handlers.conftest import FakeContext, SyncWorld, stream_event
 from tests.handlers.test_aggregate import scaled
 

@@ -7,12 +7,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fedstream.handlers import aggregate, async_update
 
 from fedstream.bounds import InfluenceBounds
 from fedstream.local.logs import metric_counts
 from fedstream.schemas import update_sort_key
 from fedstream.weights import Weights, decode
-from handlers import aggregate, async_update
 from tests.handlers.conftest import FakeContext, SyncWorld, stream_event
 
 

@@ -14,8 +14,7 @@ import pytest
 os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
 
 from aws_cdk import App, assertions
-
-from stacks.fedstream_stack import FedstreamStack, create_stack
+from fedstream.stacks.fedstream_stack import FedstreamStack, create_stack
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CLIENTS = ("site-a", "site-b", "site-c")

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from aws_cdk import App, Stack, Validations, assertions
 from aws_cdk import aws_s3 as s3
+from fedstream.stacks.fedstream_stack import add_checks
 
-from stacks.fedstream_stack import add_checks
 from tests.infrastructure.conftest import Synth
 
 # CDK puts an explicit DependsOn on a function's role next to the GetAtt that already implies it.

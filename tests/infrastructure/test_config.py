@@ -9,10 +9,10 @@ import subprocess
 import sys
 
 import pytest
+from fedstream.stacks.config import ConfigError, DeploymentConfig
 
 from fedstream.registry import default_registry
 from fedstream.settings import HandlerSettings
-from stacks.config import ConfigError, DeploymentConfig
 from tests.infrastructure.conftest import REPO_ROOT, feature_flags
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import glob
+import importlib.util
 import json
 import os
 import shutil
@@ -16,17 +17,16 @@ from pathlib import Path
 import pytest
 from aws_cdk import App, Stack
 from aws_cdk import aws_lambda as lambda_
-
-from stacks import constants
-from stacks.bundling import (
+from fedstream.stacks import constants
+from fedstream.stacks.bundling import (
     BundlingError,
     LambdaAssetSpec,
     directory_size,
     lambda_code,
     lambda_requirements,
+    package_sources,
     pip_platforms,
 )
-from tests.infrastructure.conftest import REPO_ROOT
 
 HANDLERS = (constants.HANDLER_AGGREGATE, constants.HANDLER_FINALIZE, constants.HANDLER_ASYNC_UPDATE)
 
@@ -58,23 +58,40 @@ def test_the_pip_command_builds_wheels_for_the_lambda_runtime(tmp_path: Path):
     assert "--only-binary=:all:" in command and command[command.index("--target") + 1] == str(tmp_path)
 
 
-def copy_sources(root: Path) -> Path:
-    for package in constants.LAMBDA_PACKAGES:
-        shutil.copytree(REPO_ROOT / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
-    return root
+def copy_sources(root: Path) -> tuple[tuple[str, Path], ...]:
+    copies = []
+    for destination, source in package_sources():
+        copy = root / destination.replace("/", "-")
+        shutil.copytree(source, copy, ignore=shutil.ignore_patterns("__pycache__"))
+        copies.append((destination, copy))
+    return tuple(copies)
 
 
-def test_a_plugin_dropped_into_plugins_changes_the_asset_hash(tmp_path: Path):
+def test_a_plugin_dropped_into_the_dropin_folder_changes_the_asset_hash(tmp_path: Path):
     # GIVEN the asset's sources
-    spec = LambdaAssetSpec(requirements=("numpy",), source_root=copy_sources(tmp_path))
+    sources = copy_sources(tmp_path)
+    spec = LambdaAssetSpec(requirements=("numpy",), sources=sources)
     before = spec.fingerprint()
-    # WHEN a user drops a plugin module into plugins/
-    (tmp_path / "plugins" / "my_aggregator.py").write_text("# a user's aggregator\n")
-    # THEN the asset hash changes, so the next cdk deploy ships it
+    # WHEN a user drops a plugin module into plugins/dropin/
+    dropin = dict(sources)["fedstream/plugins"] / "dropin"
+    dropin.mkdir(exist_ok=True)
+    (dropin / "my_aggregator.py").write_text("# a user's aggregator\n")
+    # THEN the asset hash changes, so the next cdk deploy ships it, and it goes where the registry looks
     assert spec.fingerprint() != before
-    (tmp_path / "plugins" / "__pycache__").mkdir(exist_ok=True)
-    (tmp_path / "plugins" / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"\0")
-    assert spec.fingerprint() == LambdaAssetSpec(requirements=("numpy",), source_root=tmp_path).fingerprint()
+    assert "fedstream/plugins/dropin/my_aggregator.py" in dict(spec.source_files())
+    (dropin / "__pycache__").mkdir(exist_ok=True)
+    (dropin / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"\0")
+    assert spec.fingerprint() == LambdaAssetSpec(requirements=("numpy",), sources=sources).fingerprint()
+
+
+def test_the_asset_holds_one_fedstream_package_without_the_client_or_the_stack():
+    names = [name for name, _ in LambdaAssetSpec(requirements=()).source_files()]
+    assert {name.split("/")[0] for name in names} == {"fedstream"}
+    for module in (constants.HANDLER_AGGREGATE, constants.HANDLER_FINALIZE, constants.HANDLER_ASYNC_UPDATE):
+        assert module.rsplit(".", 1)[0].replace(".", "/") + ".py" in names
+    assert "fedstream/plugins/fedavg.py" in names and "fedstream/server/sync.py" in names
+    left_out = ("fedstream/client/", "fedstream/stacks/", "fedstream/local/")
+    assert not [n for n in names if n.startswith(left_out)]
 
 
 def test_a_prebuilt_asset_without_the_packages_is_refused(tmp_path: Path):
@@ -85,10 +102,10 @@ def test_a_prebuilt_asset_without_the_packages_is_refused(tmp_path: Path):
 @pytest.mark.parametrize("handler", HANDLERS)
 def test_every_handler_the_stack_names_exists(handler: str):
     module, function = handler.rsplit(".", 1)
-    path = REPO_ROOT / (module.replace(".", "/") + ".py")
-    if not path.exists():
-        pytest.skip(f"{path.relative_to(REPO_ROOT)} is not written yet (the stack already deploys {handler})")
-    names = {node.name for node in ast.parse(path.read_text()).body if isinstance(node, ast.FunctionDef)}
+    spec = importlib.util.find_spec(module)
+    assert spec is not None and spec.origin, f"{module} is not importable"
+    tree = ast.parse(Path(spec.origin).read_text())
+    names = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
     assert function in names
 
 
@@ -121,8 +138,8 @@ for handler in handlers:
         continue
     assert callable(getattr(importlib.import_module(module), function)), handler
     imported.append(handler)
-for path in sorted((root / "handlers").glob("*.py")):
-    importlib.import_module("handlers." + path.stem)
+for path in sorted((root / "fedstream" / "handlers").glob("*.py")):
+    importlib.import_module("fedstream.handlers." + path.stem)
 from fedstream.registry import default_registry
 import dp_accounting, numpy, pydantic_core, safetensors.numpy  # native wheels load
 print(json.dumps({"handlers": imported, "aggregators": default_registry().names(),
@@ -151,7 +168,7 @@ def test_the_built_asset_imports_every_handler_on_the_lambda_python(tmp_path: Pa
     manifest = json.loads((tmp_path / "cdk.out" / "AssetProbe.assets.json").read_text())
     (code,) = [f for f in manifest["files"].values() if f["displayName"] == "Probe/Code"]
     asset = tmp_path / "cdk.out" / code["source"]["path"]
-    assert (asset / "handlers" / "__init__.py").is_file()
+    assert (asset / "fedstream" / "handlers" / "__init__.py").is_file()
     assert directory_size(asset) < constants.LAMBDA_UNZIPPED_LIMIT_BYTES
     # WHEN every handler module is imported from it alone (-S: no site-packages, a clean cwd)
     env = {
@@ -174,6 +191,5 @@ def test_the_built_asset_imports_every_handler_on_the_lambda_python(tmp_path: Pa
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["file"].startswith(str(asset))
-    written = [h for h in HANDLERS if (REPO_ROOT / (h.rsplit(".", 1)[0].replace(".", "/") + ".py")).exists()]
-    assert report["handlers"] == written and constants.HANDLER_AGGREGATE in written
+    assert report["handlers"] == list(HANDLERS)
     assert {"fedavg", "fedprox", "dp-noise", "fedasync", "fedbuff"} <= set(report["aggregators"])

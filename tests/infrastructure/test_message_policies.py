@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from stacks import constants
-from stacks.constructs.messaging import OPERATOR_PUBLISHER_TAG
+from fedstream.stacks import constants
+from fedstream.stacks.constructs.messaging import OPERATOR_PUBLISHER_TAG
+
 from tests.infrastructure.conftest import Synth
 from tests.infrastructure.test_resources import logical_id
 

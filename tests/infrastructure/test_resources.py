@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 from aws_cdk.assertions import Match
+from fedstream.stacks import constants
 
 from fedstream.settings import ClientSettings, HandlerSettings
-from stacks import constants
 from tests.infrastructure.conftest import CLIENTS, Synth, render, synthesize
 
 

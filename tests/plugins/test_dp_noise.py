@@ -8,12 +8,12 @@ import dp_accounting
 import numpy as np
 import pytest
 from dp_accounting import rdp
+from fedstream.plugins.dp_noise import epsilon_for, rounds_within_budget, update_noise_multiplier
+from fedstream.plugins.fedavg import FedAvg, FedAvgParams
 
 from fedstream import hookimpl
 from fedstream.aggregation import ClientUpdate, PrivacyBudgetExhausted, RoundContext
 from fedstream.registry import PluginError, build_registry, get_plugin_manager
-from plugins.dp_noise import epsilon_for, rounds_within_budget, update_noise_multiplier
-from plugins.fedavg import FedAvg, FedAvgParams
 
 
 @pytest.fixture(scope="module")

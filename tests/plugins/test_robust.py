@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 
+import fedstream.plugins._robust
 import numpy as np
 import pytest
 from scipy import stats
 
-import plugins._robust
 from fedstream.aggregation import AggregationError, AsyncState, ClientUpdate, RoundContext
 from fedstream.registry import PluginError, build_registry, get_plugin_manager
 from fedstream.weights import decode, encode
@@ -112,7 +112,7 @@ def test_a_sync_round_equals_the_reference_definition(registry, name, params, n,
 @pytest.mark.parametrize(("name", "params"), CASES)
 def test_results_do_not_depend_on_the_block_size(registry, monkeypatch, name, params):
     # GIVEN blocks of 7 values, so every tensor spans several blocks and blocks end mid-tensor
-    monkeypatch.setattr(plugins._robust, "BLOCK_VALUES", 7 * 6)
+    monkeypatch.setattr(fedstream.plugins._robust, "BLOCK_VALUES", 7 * 6)
     rng = np.random.default_rng(7)
     rows = [random_model(rng, np.float64) for _ in range(6)]
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fedstream.client.trainer import FitResult, Trainer, load_user_trainer
 
-from client.trainer import FitResult, Trainer, load_user_trainer
 from fedstream.bounds import InfluenceBounds
 from fedstream.cli import CliError, main
 from fedstream.local import attack

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fedstream.client.runner import FederatedClient
+from fedstream.client.trainer import InstantTrainer
 
-from client.runner import FederatedClient
-from client.trainer import InstantTrainer
 from fedstream import keys
 from fedstream.local.embedded import EmbeddedAWS, create_resources
 from fedstream.schemas import ModelReady, TrainingComplete

@@ -7,9 +7,15 @@ import struct
 
 import numpy as np
 import pytest
-
-from client import data
-from client.data import ClientData, DatasetUnavailableError, client_shard, load_dataset, partition, read_idx
+from fedstream.client import data
+from fedstream.client.data import (
+    ClientData,
+    DatasetUnavailableError,
+    client_shard,
+    load_dataset,
+    partition,
+    read_idx,
+)
 
 SCHEMES = ["iid", "dirichlet:0.5", "dirichlet:0.1", "shards:2"]
 

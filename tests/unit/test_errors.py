@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from fedstream.handlers import async_update
 
 from fedstream import keys
 from fedstream.aggregation import (
@@ -24,7 +25,6 @@ from fedstream.server import finalize, sync
 from fedstream.server.asynchronous import start_run
 from fedstream.server.store import CorruptObject
 from fedstream.weights import Weights, WireFormatError, encode
-from handlers import async_update
 from tests.handlers.conftest import FakeContext, SyncWorld, _deployment, global_weights, stream_event
 
 

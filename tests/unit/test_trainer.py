@@ -21,9 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from client.data import ClientData, load_dataset
-from client.trainer import (
+from fedstream.client.data import ClientData, load_dataset
+from fedstream.client.trainer import (
     FitResult,
     KerasTrainer,
     NumpyTrainer,
@@ -35,6 +34,7 @@ from client.trainer import (
     mlp,
     small_cnn,
 )
+
 from fedstream.aggregation import delta, global_norm
 from fedstream.schemas import TrainingMetrics
 from fedstream.weights import ModelSpec, decode, encode
@@ -204,8 +204,8 @@ USER_MODULE = textwrap.dedent(
     """
     import keras
     import numpy as np
-    from client.data import ClientData
-    from client.trainer import NumpyTrainer
+    from fedstream.client.data import ClientData
+    from fedstream.client.trainer import NumpyTrainer
 
     SEEN = {}
 
