@@ -92,7 +92,7 @@ def noise_for_epsilon(epsilon: float, rounds: int, delta: float, sample_rate: fl
 def train_centrally(args: argparse.Namespace) -> Result:
     """The built-in model on the union of the clients' shards, one test evaluation per epoch."""
     from fedstream.client.data import ClientData, client_shard, load_dataset
-    from fedstream.client.trainer import DEFAULT_KERAS_LEARNING_RATES, KerasTrainer, default_model_for
+    from fedstream.client.trainers import DEFAULT_KERAS_LEARNING_RATES, KerasTrainer, default_model_for
 
     started = time.monotonic()
     test = load_dataset(args.dataset)
@@ -399,7 +399,7 @@ def robustness_main(args: argparse.Namespace) -> None:
     (args.out / "robustness.json").write_text(json.dumps(report, indent=2))
     plot = args.plot or ROBUSTNESS_PLOT
     plot_robustness(results, args, plot)
-    from fedstream.client.trainer import default_model_for
+    from fedstream.client.trainers import default_model_for
 
     print(
         f"{args.dataset}, model {default_model_for(args.dataset).__name__}, {args.clients} clients, "
@@ -481,7 +481,7 @@ def main() -> None:
     report = {"args": {k: str(v) for k, v in vars(args).items()}, "results": [vars(r) for r in results]}
     (args.out / "results.json").write_text(json.dumps(report, indent=2))
     plot(results, args, args.plot)
-    from fedstream.client.trainer import default_model_for
+    from fedstream.client.trainers import default_model_for
 
     print(
         f"{args.dataset}, model {default_model_for(args.dataset).__name__}, {args.clients} clients, "

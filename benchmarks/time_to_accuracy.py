@@ -274,7 +274,7 @@ def main() -> None:
     if not dataset_available(args.dataset):
         return
 
-    from fedstream.client.trainer import default_model_for
+    from fedstream.client.trainers import default_model_for
 
     scenarios = [Scenario.parse(text) for text in args.scenarios.split(",") if text.strip()]
     skipped = {text.strip() for text in args.skip.split(",") if text.strip()}

@@ -103,7 +103,7 @@ def run_client(args: argparse.Namespace) -> int:
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     from fedstream.client.runner import FederatedClient
-    from fedstream.client.trainer import build_trainer
+    from fedstream.client.trainers import build_trainer
 
     settings = client_settings(args)
     trainer: Any = build_trainer(

@@ -127,7 +127,7 @@ def poison(
 
 
 class AttackTrainer:
-    """Wraps an honest :class:`fedstream.client.trainer.Trainer`; ``fit`` reports what the attack says."""
+    """Wraps an honest :class:`fedstream.client.trainers.Trainer`; ``fit`` reports what the attack says."""
 
     def __init__(self, inner: Any, attack: Attack | str) -> None:
         self.inner = inner
@@ -140,7 +140,7 @@ class AttackTrainer:
         return self.inner.evaluate(weights)
 
     def fit(self, weights: Any, settings: Mapping[str, Any]) -> Any:
-        from fedstream.client.trainer import FitResult
+        from fedstream.client.trainers import FitResult
 
         if self.attack.kind == "copy":
             metrics: dict[str, float] = {"train_seconds": 0.0, **self.inner.evaluate(weights)}
@@ -171,7 +171,7 @@ def make(
     batch_size: int = 32,
 ) -> AttackTrainer:
     """The ``--trainer fedstream.local.attack:make`` entry point: the attack comes from the environment."""
-    from fedstream.client.trainer import build_trainer
+    from fedstream.client.trainers import build_trainer
 
     spec = os.environ.get(ATTACK_ENV)
     if not spec:

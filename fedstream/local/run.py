@@ -127,7 +127,7 @@ class _Evaluator:
 
     def __init__(self, config: LocalRunConfig) -> None:
         from fedstream.client.data import ClientData, load_dataset
-        from fedstream.client.trainer import KerasTrainer, NumpyTrainer, default_model_for
+        from fedstream.client.trainers import KerasTrainer, NumpyTrainer, default_model_for
 
         ds = load_dataset(config.dataset)
         data = ClientData(ds.x_test[:1], ds.y_test[:1], ds.x_test, ds.y_test, num_classes=ds.num_classes)
@@ -136,7 +136,7 @@ class _Evaluator:
         elif config.trainer == "keras":
             self.trainer = KerasTrainer(default_model_for(config.dataset), data, seed=config.seed)
         elif config.trainer.split(":")[0] == "instant":
-            from fedstream.client.trainer import build_trainer
+            from fedstream.client.trainers import build_trainer
 
             self.trainer = build_trainer(config.trainer, config.dataset, "iid", 1, 0, seed=config.seed)
         else:
@@ -555,7 +555,7 @@ def _thread_client(
 ) -> ThreadClient:
     from fedstream.client.cli import SlowTrainer
     from fedstream.client.runner import FederatedClient
-    from fedstream.client.trainer import build_trainer
+    from fedstream.client.trainers import build_trainer
     from fedstream.settings import ClientSettings
 
     trainer: Any = build_trainer(

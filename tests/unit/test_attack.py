@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fedstream.client.trainer import FitResult, Trainer, load_user_trainer
+from fedstream.client.trainers import FitResult, Trainer, load_user_trainer
 
 from fedstream.bounds import InfluenceBounds
 from fedstream.cli import CliError, main

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 from fedstream.client.runner import FederatedClient
-from fedstream.client.trainer import InstantTrainer
+from fedstream.client.trainers import InstantTrainer
 
 from fedstream import keys
 from fedstream.local.embedded import EmbeddedAWS, create_resources

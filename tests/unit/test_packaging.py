@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -24,12 +25,21 @@ def run(*command: str | Path, cwd: Path, env: dict[str, str] | None = None) -> s
     return result.stdout
 
 
+SOURCES = ("pyproject.toml", "README.md", "fedstream", "client", "handlers", "plugins", "stacks")
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("dist")
+    # built from a copy of what git tracks, so no build/ folder or stray file of this checkout leaks in
+    source, out = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("dist")
+    tracked = run("git", "ls-files", "-z", *SOURCES, cwd=ROOT).split("\0")
+    for name in filter(None, tracked):
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
     # --no-build-isolation: the dev install carries setuptools, so the build needs no network
     run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-        "--wheel-dir", out, ROOT, cwd=out)  # fmt: skip
+        "--wheel-dir", out, source, cwd=out)  # fmt: skip
     (path,) = out.glob("fedstream-*.whl")
     return path
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fedstream.client.data import ClientData, load_dataset
-from fedstream.client.trainer import (
+from fedstream.client.trainers import (
     FitResult,
     KerasTrainer,
     NumpyTrainer,
@@ -205,7 +205,7 @@ USER_MODULE = textwrap.dedent(
     import keras
     import numpy as np
     from fedstream.client.data import ClientData
-    from fedstream.client.trainer import NumpyTrainer
+    from fedstream.client.trainers import NumpyTrainer
 
     SEEN = {}
 
@@ -288,7 +288,7 @@ def test_build_trainer_kinds(digits):
 def test_client_modules_and_the_numpy_trainer_need_no_tensorflow():
     code = (
         "import sys\n"
-        "from client.trainer import build_trainer\n"
+        "from fedstream.client.trainers import build_trainer\n"
         "trainer = build_trainer('numpy', 'digits', 'iid', num_clients=2, client_index=0)\n"
         "trainer.fit(trainer.initial_weights(), {})\n"
         "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'TensorFlow was imported'\n"
