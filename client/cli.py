@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,10 +16,15 @@ from fedstream.settings import ClientSettings
 
 
 class SlowTrainer:
-    """Wraps a trainer so each fit takes ``factor`` times as long plus ``delay`` seconds (a straggler)."""
+    """Wraps a trainer so each fit takes ``factor`` times as long plus ``delay`` seconds (a straggler).
+
+    The wait ends early when ``stop`` is set (a client on a thread being stopped), so stopping a
+    run never waits out a straggler's sleep.
+    """
 
     def __init__(self, inner: Any, factor: float, delay: float = 0.0) -> None:
         self.inner, self.factor, self.delay = inner, factor, delay
+        self.stop = threading.Event()
 
     def initial_weights(self) -> Any:
         return self.inner.initial_weights()
@@ -29,7 +35,7 @@ class SlowTrainer:
     def fit(self, weights: Any, settings: Mapping[str, Any]) -> Any:
         started = time.monotonic()
         result = self.inner.fit(weights, settings)
-        time.sleep(max(0.0, (self.factor - 1.0) * (time.monotonic() - started)) + self.delay)
+        self.stop.wait(max(0.0, (self.factor - 1.0) * (time.monotonic() - started)) + self.delay)
         return result
 
 

@@ -584,6 +584,8 @@ def _thread_client(
         visibility_timeout=config.visibility_timeout,
     )
     client = FederatedClient(settings, trainer, session=aws.session())
+    if isinstance(trainer, SlowTrainer):
+        trainer.stop = client.stop  # a stopped run does not wait out the straggler's sleep
     return ThreadClient(client_id, client, log_path, max_idle=max(config.round_timeout * 2, 120))
 
 

@@ -57,7 +57,7 @@ def finalize_round(
         return Finalized("failed", message=str(item.get("failure", "")))
     reported = int(item.get("reported_count", 0))
     min_clients = int(item.get("min_clients", settings.min_clients))
-    if status == "open" and reported >= min_clients:
+    if status in ("open", "aggregating") and reported >= min_clients:  # a stale claim is taken over
         closed = close_round(
             store,
             settings,

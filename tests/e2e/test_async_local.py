@@ -1,5 +1,6 @@
-"""Async mode end to end: ten client processes, one update in flight each, against a sync run of the
-same budget on the same data (the embedded AWS, the real handlers, the NumPy trainer)."""
+"""Async mode end to end: ten clients, one update in flight each, against a sync run of the same
+budget on the same data (the embedded AWS server process, the real handlers, the NumPy trainer; the
+clients run the ``fedstream client`` loop on threads of this process)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def config(out: Path, **fields: object) -> LocalRunConfig:
         progress=False,
         seed=2,
         out=out,
+        client_runtime="thread",
         **fields,  # type: ignore[arg-type]
     )
 

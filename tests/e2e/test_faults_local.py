@@ -2,8 +2,10 @@
 with a clear reason, and no update is lost or counted twice.
 
 Every run here is the same small job (3 NumPy clients, 2 rounds, digits, seed 7) through the real
-moto server, state machine, handlers and client processes, with one fault plan armed
-(``LocalRunConfig.faults``, the specs of ``fedstream local --fault``).
+moto server process, state machine and handlers, with one fault plan armed
+(``LocalRunConfig.faults``, the specs of ``fedstream local --fault``). The clients are ``fedstream
+client`` processes where the fault acts on a process (``kill:``, ``hang:``) and the same client
+loop on threads of this process otherwise (server-side faults; the models are bit for bit the same).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def run(out: Path, *faults: str, **overrides: Any) -> RunSummary:
         progress=False,
         out=out,
         faults=faults,
+        client_runtime="process" if any(f.startswith(("kill:", "hang:")) for f in faults) else "thread",
     )
     fields.update(overrides)
     return run_local(LocalRunConfig(**fields))

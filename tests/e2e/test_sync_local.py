@@ -1,5 +1,7 @@
 """End to end on the embedded AWS: a moto server over HTTP, the stack's state machine, the real
-handlers behind the pollers, and real client processes."""
+handlers behind the pollers, and the client loop: real ``fedstream client`` processes for the Keras
+run (what a silo runs), threads of this process for the NumPy ones (same loop, no interpreter
+start-up per client)."""
 
 from __future__ import annotations
 
@@ -70,6 +72,7 @@ def test_a_straggler_misses_the_deadline_and_rounds_close_with_the_quorum(tmp_pa
         straggler_delay=13.0,
         out=tmp_path,
         progress=False,
+        client_runtime="thread",
     )
 
     summary = run_local(config)
@@ -98,6 +101,7 @@ def test_fewer_reports_than_min_clients_fail_the_run_with_a_clear_message(tmp_pa
         out=tmp_path,
         progress=False,
         client_timeout=5,
+        client_runtime="thread",
     )
 
     summary = run_local(config)
@@ -122,6 +126,7 @@ def test_async_runs_update_the_model_per_record_and_their_counts_add_up(
         out=tmp_path,
         progress=False,
         seed=1,
+        client_runtime="thread",
     )
 
     summary = run_local(config)

@@ -157,13 +157,6 @@ def test_a_request_for_a_round_that_does_not_exist_is_refused(run: Run, store: M
     assert run.round(3) == {} and store.callbacks == []
 
 
-@pytest.mark.xfail(
-    raises=finalize.RoundBusy,
-    strict=True,
-    reason="finalize_round answers RoundBusy to any round that is not open, even when its claim is "
-    "past the lease: only a stream record can take an orphaned claim over, and a complete round "
-    "gets none, so the run fails at FinalizeRound's timeout",
-)
 def test_the_deadline_takes_over_a_claim_orphaned_past_its_lease(
     run: Run, store: MemoryStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -184,3 +177,19 @@ def test_the_deadline_takes_over_a_claim_orphaned_past_its_lease(
     # THEN the finalize request closes the round with every report, answering its token
     assert finalized.outcome == "closed" and run.state()["version"] == 1
     assert calls(store) == [("success", FINALIZE_TOKEN, "1")]
+
+
+def test_the_deadline_leaves_a_live_claim_to_its_holder(run: Run, store: MemoryStore) -> None:
+    # GIVEN every client reported and another invocation holds a fresh claim on the round
+    reports = [run.record(c, shifted(run.base, 1.0 + n)) for n, c in enumerate(CLIENTS)]
+    run.deliver(*reports[:2])
+    store.crash("claim_round", after=True)
+    with pytest.raises(Crash):
+        run.deliver(reports[2])
+
+    # WHEN the finalize request comes within the claim's lease
+    # THEN it does not aggregate beside the holder: it is retried later, and nothing was answered
+    with pytest.raises(finalize.RoundBusy, match="aggregating"):
+        request(run, run.mark_deadline())
+    assert run.round()["status"] == "aggregating" and run.state()["version"] == 0
+    assert calls(store) == []
