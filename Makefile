@@ -16,15 +16,20 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(BIN)/fedstream local --mode sync --aggregator fedavg --clients 3 --rounds 3 --dataset mnist-5k --out runs/demo
 
+# Test processes (pytest-xdist); work stealing evens out the long end-to-end runs.
+WORKERS ?= 2
+PYTEST_PARALLEL := -n $(WORKERS) --dist worksteal
+
+# Everything but the 200-client load tests (pytest -m load).
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL)
 
-# The edit-test loop: lint, the plugins and the pure unit tests (no AWS, no TensorFlow), seconds.
+# The edit-test loop: lint, the unit, plugin and protocol tests (the server logic on the in-memory
+# store); no end-to-end runs, no CDK.
 check: $(VENV)/.installed
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q tests/plugins tests/unit/test_weights.py tests/unit/test_aggregation_helpers.py \
-		tests/unit/test_attack.py tests/unit/test_import_contract.py
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) tests/unit tests/plugins tests/protocol
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

@@ -1,26 +1,32 @@
 """The aggregator interface shared by both modes, and the helpers every aggregator uses.
 
 An aggregator is pure numpy: no I/O, no AWS, no TensorFlow. The host (a Lambda handler, the
-offline CLI, a test) feeds it decoded weights and publishes the weights it returns. Between sync
-rounds the host keeps only ``RoundResult.carry`` (scalars, JSON on the run state); between async
-updates it keeps ``AsyncResult.state`` while an update is buffered (arrays as safetensors, values
-as JSON) and drops it once a step publishes weights.
+offline CLI, a test) feeds it decoded weights and publishes the weights it returns.
+
+Between steps an aggregator keeps an ``AggregatorState`` (named float arrays + scalar values): a
+server optimizer's moments, FedBuff's buffer. Every host persists the state a step returns and hands
+it to the next step: the sync handler and the async handler in S3 (safetensors, server-written),
+named on the run item with the version it belongs to, so a retried or redelivered step reads the
+state of the version it builds on; the offline CLI in ``--state PATH``. ``None`` keeps nothing.
+Sync rounds also carry ``RoundResult.carry`` (scalars, JSON on the run state, e.g. an adaptive clip
+norm that ``client_settings`` reads).
 
 Sync mode streams one round::
 
-    agg.begin(global_weights, RoundContext(round=3, carry={...}))
+    agg.begin(global_weights, RoundContext(round=3, carry={...}, state=previous_state))
     for update in updates:          # one at a time; memory stays O(model)
         agg.accept(update)
-    result = agg.finish()           # new global weights + round metrics + carry for next round
+    result = agg.finish()           # new global weights, round metrics, carry and state
 
 Async mode applies one update at a time::
 
     result = agg.apply_async(global_weights, update, staleness=t - v, state=previous_state)
-    # result.weights is None while an update is only buffered (FedBuff)
+    # result.weights is None while an update is only buffered (FedBuff); result.state is kept
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -29,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedstream.errors import Refused
-from fedstream.weights import Weights
+from fedstream.weights import Weights, decode, encode
 
 Scalar = float | int | str | bool
 METRIC_NAMES = ("train_loss", "train_accuracy", "eval_loss", "eval_accuracy")
@@ -62,10 +68,44 @@ class ClientUpdate:
 
 
 @dataclass
+class AggregatorState:
+    """What an aggregator keeps from one step to the next (sync round or async update): named
+    arrays (stored as safetensors) and scalar values (JSON). The host persists it after every step
+    and passes it to the next; an aggregator must not change the one it was given."""
+
+    arrays: Weights = field(default_factory=dict)
+    values: dict[str, Scalar] = field(default_factory=dict)
+
+
+# The async name of the same thing (FedBuff's buffer is an aggregator state).
+AsyncState = AggregatorState
+
+# A state may hold several model-sized float64 arrays (moments, a buffer of K deltas): it is read
+# with this many times the model size limit. It is server-written; clients cannot write it.
+STATE_SIZE_FACTOR = 64
+
+
+def state_to_bytes(state: AggregatorState, metadata: Mapping[str, str] | None = None) -> bytes:
+    """The state as safetensors: its arrays as tensors, its values as JSON metadata."""
+    return encode(state.arrays, {**(metadata or {}), "values": json.dumps(state.values)})
+
+
+def state_from_bytes(data: bytes, max_bytes: int) -> tuple[AggregatorState, dict[str, str]]:
+    """A state written by ``state_to_bytes`` (a ``WireFormatError`` if it is not one) and its metadata."""
+    arrays, meta = decode(data, max_bytes=max_bytes)
+    values = json.loads(meta.get("values", "{}"))
+    if not isinstance(values, dict):
+        raise AggregationError("bad_state", "the state's values are not a JSON object")
+    return AggregatorState(arrays=dict(arrays), values=values), dict(meta)
+
+
+@dataclass
 class RoundContext:
     round: int
     # Values an aggregator carried over from the previous round (e.g. an adaptive clip norm).
     carry: Mapping[str, Scalar] = field(default_factory=dict)
+    # The state the previous round's ``finish`` returned (None in the first round, or if none).
+    state: AggregatorState | None = None
 
 
 @dataclass
@@ -75,21 +115,15 @@ class RoundResult:
     carry: dict[str, Scalar] = field(default_factory=dict)
     # True when the aggregator cannot run another round (e.g. the DP budget is spent).
     stop: bool = False
-
-
-@dataclass
-class AsyncState:
-    """State an async aggregator keeps between buffered updates; the host stores it until a step
-    publishes weights (``AsyncResult.state`` None), then starts the next buffer from None."""
-
-    arrays: Weights = field(default_factory=dict)
-    values: dict[str, Scalar] = field(default_factory=dict)
+    # What the next round's ``begin`` receives as ``RoundContext.state`` (None: nothing to keep).
+    state: AggregatorState | None = None
 
 
 @dataclass
 class AsyncResult:
     weights: Weights | None
-    state: AsyncState | None = None
+    # Kept by the host and handed to the next ``apply_async``, whether or not weights were published.
+    state: AggregatorState | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     stop: bool = False
 

@@ -67,8 +67,6 @@ MAX_CONFLICT_RETRIES = 8
 # record (the update's, and its object's: see ``digest_sk``).
 MAX_RECORDS_PER_COMMIT = 49
 STATE_KEY = "state"
-# A buffer of K float64 deltas of a float32 model is 2K model sizes (K is at most a few tens).
-BUFFER_SIZE_FACTOR = 64
 
 
 def _now() -> str:
@@ -464,17 +462,8 @@ class _RunBatch:
             raise Rejected("unknown_base_version", f"version {version} has no model object") from None
 
     def _load_buffer(self, state: Mapping[str, Any]) -> AsyncState | None:
-        key = state.get("buffer_key")
-        if not key or not int(state.get("buffered", 0)):
-            return None
-        # The buffer is the server's own (clients cannot write runs/*/state/): a robust aggregator's
-        # holds K float64 deltas, so it may be many times one model's size limit.
-        limit = BUFFER_SIZE_FACTOR * self.store.settings.max_model_bytes
-        data = self.store.cached_blob(str(key))
-        if data is None:
-            data = self.store.get_bytes(str(key), limit)
-        arrays, meta = decode(data, max_bytes=limit)
-        return AsyncState(arrays=arrays, values=json.loads(meta.get("values", "{}")))
+        """The aggregator state the last commit named (FedBuff's buffer, an optimizer's moments)."""
+        return self.store.aggregator_state(state.get("buffer_key") or None)
 
     # ---- the commit ---------------------------------------------------------------------------
     def _commit(self, plan: _Plan) -> BatchCommit:
@@ -505,12 +494,13 @@ class _RunBatch:
             "norms": plan.norms,
         }
         items: list[dict[str, Any]] = []
-        if plan.buffer_changed and plan.buffer is not None and plan.buffer_ids:
+        if plan.buffer_changed and plan.buffer is None:
+            sets["buffer_key"] = ""  # the aggregator keeps nothing now
+        elif plan.buffer_changed and plan.buffer is not None:
             key = keys.state_key(run_id, f"buffer-{sets['buffer_seq']:08d}-{nonce}")
-            blob = encode(plan.buffer.arrays, {"values": json.dumps(plan.buffer.values)})
-            self.store.put(key, blob)
-            # Buffer keys are never rewritten (each has a nonce): the next batch here reads it from memory.
-            self.store.remember_blob(key, blob)
+            # State keys are never rewritten (each has a nonce): the next batch here reads it from memory.
+            meta = {"run_id": run_id, "version": str(plan.version)}
+            self.store.put_aggregator_state(key, plan.buffer, meta)
             sets["buffer_key"] = key
         data = b""
         if plan.steps:

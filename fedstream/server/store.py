@@ -29,6 +29,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from fedstream import keys
+from fedstream.aggregation import STATE_SIZE_FACTOR, AggregatorState, state_from_bytes, state_to_bytes
 from fedstream.settings import HandlerSettings
 from fedstream.weights import ModelSpec, Weights, WireFormatError, decode, sha256_hex
 
@@ -132,6 +133,11 @@ class Repository(Protocol):
     def cached_run_state(self, run_id: str) -> dict[str, Any] | None: ...
 
     def forget_run_state(self, run_id: str) -> None: ...
+
+    # ---- the aggregator's state between steps (server-written objects under runs/*/state/) ------
+    def aggregator_state(self, key: str | None) -> AggregatorState | None: ...
+
+    def put_aggregator_state(self, key: str, state: AggregatorState, metadata: Mapping[str, str]) -> None: ...
 
     def cached_global_model(self, run_id: str, version: int) -> GlobalModel | None: ...
 
@@ -256,6 +262,25 @@ class StoreCaches:
     def forget_run_state(self, run_id: str) -> None:
         with self._lock:
             self._run_states.pop(run_id, None)
+
+    def aggregator_state(self, key: str | None) -> AggregatorState | None:
+        """The aggregator state written under ``key`` (None for no key). The server wrote it (clients
+        cannot write ``runs/*/state/``), so one that fails its checks is a ``CorruptObject``."""
+        if not key:
+            return None
+        limit = STATE_SIZE_FACTOR * self.settings.max_model_bytes
+        data = self.cached_blob(key)
+        if data is None:
+            data = self.get_object(key, limit=limit)[0]
+        with own_object(key):
+            state, _ = state_from_bytes(data, limit)
+        return state
+
+    def put_aggregator_state(self, key: str, state: AggregatorState, metadata: Mapping[str, str]) -> None:
+        """Write a state under a fresh key (never rewritten), and keep its bytes for this process."""
+        data = state_to_bytes(state, metadata)
+        self.put(key, data)
+        self.remember_blob(key, data)
 
     def cached_global_model(self, run_id: str, version: int) -> GlobalModel | None:
         with self._lock:

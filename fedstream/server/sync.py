@@ -416,7 +416,8 @@ def _aggregate_and_publish(
     seed = None if settings.seed is None else settings.seed * 1_000_003 + round_number
     aggregator = registry.create(settings.aggregator, settings.aggregator_params, seed=seed, mode="sync")
     carry = json.loads(state.get("carry") or "{}")
-    aggregator.begin(base.weights, RoundContext(round=round_number, carry=carry))
+    previous = store.aggregator_state(state.get("aggregator_state_key"))
+    aggregator.begin(base.weights, RoundContext(round=round_number, carry=carry, state=previous))
 
     # The reports as validated at registration: a record rewritten since then changes nothing.
     reports: dict[str, ValidatedReport] = {}
@@ -465,6 +466,12 @@ def _aggregate_and_publish(
     if result.stop:
         metrics["stop"] = 1.0
 
+    # The state goes first, under a fresh key the model names: a retry whose model write finds the
+    # version already written takes that version's state, so model and state always belong together.
+    state_key = ""
+    if result.state is not None:
+        state_key = keys.state_key(run_id, f"aggregator-{new_version:06d}-{uuid.uuid4().hex[:10]}")
+        store.put_aggregator_state(state_key, result.state, {"run_id": run_id, "version": str(new_version)})
     key = keys.global_key(run_id, new_version)
     metadata = {
         "run_id": run_id,
@@ -476,6 +483,7 @@ def _aggregate_and_publish(
         "created_at": _now().isoformat(),
         "clients": json.dumps(accepted),
         "metrics": json.dumps(metrics),
+        "aggregator_state": state_key,
     }
     try:
         data = encode(result.weights, metadata)
@@ -492,6 +500,7 @@ def _aggregate_and_publish(
             existing = store.get_bytes(key)
             _, meta = decode(existing, max_bytes=settings.max_model_bytes)
         data, metrics, accepted = existing, json.loads(meta["metrics"]), json.loads(meta["clients"])
+        state_key = meta.get("aggregator_state", "")
     faults.point("aggregate.after_object_write")
     digest = sha256_hex(data)
     aggregation_seconds = time.perf_counter() - started
@@ -507,6 +516,7 @@ def _aggregate_and_publish(
                 "global_sha256": digest,
                 "round": round_number,
                 "carry": json.dumps(result.carry),
+                "aggregator_state_key": state_key,
                 "client_settings_next": json.dumps(next_settings),
                 "last_metrics": json.dumps(metrics),
             },
