@@ -29,7 +29,16 @@ import pluggy
 import pydantic
 
 from fedstream import hookspecs
-from fedstream.aggregation import AggregationError, AsyncState, ClientUpdate, RoundContext, Scalar
+from fedstream.aggregation import (
+    STATE_SIZE_FACTOR,
+    AggregationError,
+    AggregatorState,
+    ClientUpdate,
+    RoundContext,
+    Scalar,
+    state_from_bytes,
+    state_to_bytes,
+)
 from fedstream.bounds import (
     InfluenceBounds,
     admit_round,
@@ -92,6 +101,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         metavar="KEY=VALUE",
         help="sync: value carried from the previous round, e.g. clip_norm=1.2",
+    )
+    aggregate.add_argument(
+        "--state",
+        type=Path,
+        metavar="PATH",
+        help="the aggregator's state between calls (a server optimizer's moments, FedBuff's buffer): "
+        "read if the file exists, written after (removed when the aggregator keeps nothing)",
     )
     aggregate.add_argument("--version", type=int, help="version of --global (default: its metadata, else 0)")
     aggregate.add_argument(
@@ -229,6 +245,36 @@ def aggregate_files(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_state(path: Path | None) -> AggregatorState | None:
+    """``--state``: None without the option or before the first call (no file yet)."""
+    if path is None or not path.exists():
+        return None
+    limit = STATE_SIZE_FACTOR * DEFAULT_MAX_BYTES
+    try:
+        if path.stat().st_size > limit:
+            raise WireFormatError("too_large", f"{path.stat().st_size} bytes, over the limit of {limit}")
+        state, _ = state_from_bytes(path.read_bytes(), limit)
+    except (OSError, Refused) as exc:
+        raise CliError(f"--state {path} is not a fedstream aggregator state: {exc}") from None
+    return state
+
+
+def _write_state(
+    path: Path | None, state: AggregatorState | None, aggregator: str, version: int
+) -> str | None:
+    """Write (or, when the aggregator keeps nothing, remove) ``--state``; returns the path written."""
+    if path is None:
+        return None
+    if state is None:
+        path.unlink(missing_ok=True)
+        return None
+    data = state_to_bytes(state, {"aggregator": aggregator, "version": str(version), "creator": CREATOR})
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    partial.replace(path)  # a crash leaves the previous state, never half of one
+    return str(path)
+
+
 class Refusals:
     """Updates left out, each reported on stderr as ``refused PATH: REASON (DETAIL)`` when refused."""
 
@@ -322,7 +368,10 @@ def _aggregate_round(
     for name, why in refused.items():
         refusals.add(name, why.reason, str(why))
 
-    aggregator.begin(global_weights, RoundContext(round=args.round, carry=_parse_carry(args.carry)))
+    previous = _read_state(args.state)
+    aggregator.begin(
+        global_weights, RoundContext(round=args.round, carry=_parse_carry(args.carry), state=previous)
+    )
     accepted: list[dict[str, Any]] = []
     for name in [name for name in candidates if name in admitted]:
         path = paths[name]
@@ -342,6 +391,7 @@ def _aggregate_round(
         raise refusals.none_aggregated(len(updates))
     result = aggregator.finish()
     sha256 = _write(args, result.weights, version + 1, version, round=str(args.round))
+    state_path = _write_state(args.state, result.state, args.aggregator, version + 1)
     return {
         "aggregator": args.aggregator,
         "mode": "sync",
@@ -352,6 +402,7 @@ def _aggregate_round(
         "sha256": sha256,
         "metrics": result.metrics,
         "carry": result.carry,
+        "state": state_path,
         "stop": result.stop,
         "updates": accepted,
     }
@@ -374,7 +425,7 @@ def _apply_in_order(
     base_paths = _parse_bases(args.base)
     bases: dict[int, Weights] = {version: global_weights}
     current, current_version = global_weights, version
-    state: AsyncState | None = None
+    state = _read_state(args.state)
     norms: list[float] = []  # the reference window: delta norms of the updates taken
     seen: dict[str, str] = {}  # sha256 -> the first update with those bytes
     applied: list[dict[str, Any]] = []
@@ -443,16 +494,21 @@ def _apply_in_order(
     if not applied:
         raise refusals.none_aggregated(len(args.updates))
     pending = int(state.values.get("count", 0)) if state is not None else 0
-    if current_version == version:
-        raise CliError(f"no new version: {args.aggregator} only buffered the updates ({pending} pending)")
-    sha256 = _write(args, current, current_version, version)
+    if current_version == version and args.state is None:
+        raise CliError(
+            f"no new version: {args.aggregator} only buffered the updates ({pending} pending; "
+            "--state PATH keeps them for the next call)"
+        )
+    state_path = _write_state(args.state, state, args.aggregator, current_version)
+    sha256 = _write(args, current, current_version, version) if current_version != version else None
     return {
         "aggregator": args.aggregator,
         "mode": "async",
         "version": current_version,
         "parent_version": version,
-        "output": str(args.output),
+        "output": str(args.output) if sha256 else None,
         "sha256": sha256,
+        "state": state_path,
         "updates": applied,
         "pending_updates": pending,
     }
