@@ -218,7 +218,9 @@ class FederatedClient:
         if global_weights is None:
             self._delete(message)
             return
-        self.on_event("training", {"version": body.version, "round": body.round})
+        self.on_event(
+            "training", {"version": body.version, "round": body.round, "settings": dict(body.client_settings)}
+        )
         result = self._train_with_heartbeat(message, global_weights, body)
         if self.stop.is_set():
             raise Stopped

@@ -172,6 +172,45 @@ class Aggregator:
         raise NotImplementedError(f"{type(self).__name__} does not run in async mode")
 
 
+class Wrapper(Aggregator):
+    """An aggregator around another one, ``inner``, which the user picks by name with its own
+    typed parameters (``inner=fedprox``, ``inner.mu=0.05``: the registry hands the wrapper's
+    factory ``params.inner`` and ``params.inner_params``, already checked against the inner's
+    parameter model). Every call goes through to the inner aggregator unless a subclass overrides
+    it; ``client_settings`` is always the inner's merged with the wrapper's ``own_client_settings``,
+    so what the inner asks of clients (FedProx's ``proximal_mu``) still reaches them."""
+
+    def __init__(self, inner: Aggregator) -> None:
+        self.inner = inner
+        self.max_staleness = inner.max_staleness
+        self.min_clients = inner.min_clients
+
+    def own_client_settings(self, carry: Mapping[str, Scalar] | None = None) -> dict[str, Scalar]:
+        return {}
+
+    def client_settings(self, carry: Mapping[str, Scalar] | None = None) -> dict[str, Scalar]:
+        return {**self.inner.client_settings(carry), **self.own_client_settings(carry)}
+
+    def begin(self, global_weights: Weights, context: RoundContext) -> None:
+        self.inner.begin(global_weights, context)
+
+    def accept(self, update: ClientUpdate) -> None:
+        self.inner.accept(update)
+
+    def finish(self) -> RoundResult:
+        return self.inner.finish()
+
+    def apply_async(
+        self,
+        global_weights: Weights,
+        update: ClientUpdate,
+        *,
+        staleness: int,
+        state: AggregatorState | None = None,
+    ) -> AsyncResult:
+        return self.inner.apply_async(global_weights, update, staleness=staleness, state=state)
+
+
 class WeightedSum:
     """A running example-weighted sum of named arrays, in place: memory O(model).
 

@@ -9,10 +9,12 @@ Each round, with global weights g, clip norm C and m accepted updates w_i::
     w'    = inner(g + d_1', ..., g + d_m')           (unweighted: every client counts 1)
     g_new = w' + N(0, (z_delta * C / m)^2 I)
 
-The inner aggregator (``fedavg`` by default, built with ``weighted=False`` when it has that
-parameter) sees every update with ``num_examples=1``: weighting by examples would let one client
-move the model by more than C/m. The noise scale assumes a mean-type inner aggregator. The real
-example counts still weight the reported training metrics.
+The inner aggregator (``fedavg`` by default; ``inner=fedprox inner.mu=0.05`` picks another with its
+own parameters; built with ``weighted=False`` when it has that parameter) sees every update with
+``num_examples=1``: weighting by examples would let one client move the model by more than C/m.
+Clients get the inner's settings (FedProx's ``proximal_mu``) and ``dp_clip_norm``. The noise scale
+assumes a mean-type inner aggregator. The real example counts still weight the reported training
+metrics.
 
 Privacy is accounted with the RDP accountant of ``dp_accounting``: one round is
 ``PoissonSampledDpEvent(q, GaussianDpEvent(z))`` (just ``GaussianDpEvent(z)`` when q = 1),
@@ -39,7 +41,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
-from typing import Self
+from typing import Any, Self
 
 import numpy as np
 import pydantic
@@ -54,6 +56,7 @@ from fedstream.aggregation import (
     RoundContext,
     RoundResult,
     Scalar,
+    Wrapper,
     delta,
     global_norm,
 )
@@ -121,6 +124,9 @@ class DpNoiseParams(pydantic.BaseModel):
     clip_norm: float = pydantic.Field(gt=0, description="L2 clip norm C of each client's update (initial C)")
     noise_multiplier: float = pydantic.Field(ge=0, description="noise multiplier z: noise std z*C/m")
     inner: str = pydantic.Field("fedavg", description="aggregator that averages the clipped updates")
+    inner_params: dict[str, Any] = pydantic.Field(
+        default_factory=dict, description="the inner aggregator's parameters (or inner.NAME=VALUE)"
+    )
     delta: float = pydantic.Field(1e-5, gt=0, lt=1, description="delta of the (epsilon, delta) guarantee")
     epsilon_budget: float | None = pydantic.Field(None, gt=0, description="refuse rounds beyond this epsilon")
     sample_rate: float = pydantic.Field(1.0, gt=0, le=1, description="fraction q of clients sampled a round")
@@ -151,10 +157,10 @@ class DpNoiseParams(pydantic.BaseModel):
         return DEFAULT_COUNT_NOISE_PER_Z * self.noise_multiplier
 
 
-class DpNoise(Aggregator):
+class DpNoise(Wrapper):
     def __init__(self, params: DpNoiseParams, inner: Aggregator, rng: np.random.Generator) -> None:
+        super().__init__(inner)
         self.params = params
-        self.inner = inner
         self.rng = rng
         if params.adaptive:
             self.update_noise = update_noise_multiplier(params.noise_multiplier, params.count_noise)
@@ -167,7 +173,7 @@ class DpNoise(Aggregator):
         self._metrics = MetricsMean()
         self._unclipped = 0
 
-    def client_settings(self, carry: Mapping[str, Scalar] | None = None) -> dict[str, Scalar]:
+    def own_client_settings(self, carry: Mapping[str, Scalar] | None = None) -> dict[str, Scalar]:
         return {"dp_clip_norm": self._current_clip_norm(carry or {})}
 
     def epsilon(self, rounds: int) -> float:
@@ -265,7 +271,11 @@ def _create(params: DpNoiseParams, ctx: FactoryContext) -> DpNoise:
     info = ctx.registry.info(params.inner)
     if "sync" not in info.modes:
         raise PluginError(f"dp-noise needs a sync inner aggregator; {params.inner!r} runs in async mode only")
-    inner_params = {"weighted": False} if "weighted" in info.params.model_fields else {}
+    inner_params = dict(params.inner_params)
+    if "weighted" in info.params.model_fields:
+        if str(inner_params.get("weighted", False)).lower() not in ("false", "0"):
+            raise PluginError("dp-noise weighs every client alike: inner.weighted must stay false")
+        inner_params["weighted"] = False
     return DpNoise(params, ctx.create(params.inner, inner_params), ctx.rng)
 
 

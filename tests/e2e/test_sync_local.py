@@ -139,3 +139,31 @@ def test_async_runs_update_the_model_per_record_and_their_counts_add_up(
     assert summary.client_exit_codes == {f"site-{n}": 0 for n in range(1, 5)}
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["counts"] == counts and metrics["config"]["mode"] == "async"
+
+
+def test_dp_noise_around_fedprox_trains_clients_with_the_proximal_term_and_the_clip_norm(
+    tmp_path: Path,
+) -> None:
+    # GIVEN dp-noise wrapped around fedprox, chosen as a user would on the command line
+    config = LocalRunConfig(
+        aggregator="dp-noise",
+        params={"clip_norm": "5", "noise_multiplier": "0", "inner": "fedprox", "inner.mu": "0.05"},
+        clients=2,
+        rounds=2,
+        dataset="digits",
+        trainer="numpy",
+        out=tmp_path,
+        progress=False,
+        client_runtime="thread",
+    )
+
+    # WHEN the run goes through the state machine and the handlers
+    summary = run_local(config)
+
+    # THEN every client trained every round with FedProx's mu and the DP clip norm
+    assert summary.status == "SUCCEEDED", summary.error
+    for client in ("site-1", "site-2"):
+        events = json_lines((tmp_path / "clients" / f"{client}.log").read_text())
+        settings = [e["settings"] for e in events if e.get("event") == "training"]
+        assert len(settings) == 2
+        assert all(s["proximal_mu"] == 0.05 and s["dp_clip_norm"] == 5.0 for s in settings)
