@@ -35,11 +35,37 @@ BUILTIN_MODULES = (
     "fedstream.plugins.median",
     "fedstream.plugins.trimmed_mean",
     "fedstream.plugins.krum",
+    "fedstream.plugins.server_optimizers",
 )
 DROPIN_FOLDER = "dropin"
 AUTOLOAD_ENV = "FEDSTREAM_DISABLE_PLUGIN_AUTOLOAD"
 PLUGIN_PATH_ENV = "FEDSTREAM_PLUGIN_PATH"
 MODES = frozenset({"sync", "async"})
+
+
+INNER, INNER_PARAMS = "inner", "inner_params"
+
+
+def nest_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"inner": "fedprox", "inner.mu": 0.05}`` -> ``{"inner": "fedprox", "inner_params": {"mu": 0.05}}``.
+
+    Only the first dot nests: ``inner.inner.mu`` becomes ``inner_params["inner.mu"]``, which the
+    inner wrapper nests in turn."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        head, dot, rest = key.partition(".")
+        if not dot:
+            out[key] = value
+            continue
+        if head != INNER or not rest:
+            raise PluginError(f"parameter {key!r}: only a wrapper's inner parameters are dotted (inner.NAME)")
+        nested = out.setdefault(INNER_PARAMS, {})
+        if not isinstance(nested, dict):
+            raise PluginError(f"give the inner parameters as {INNER_PARAMS} or as inner.NAME, not both")
+        nested[rest] = value
+    if INNER_PARAMS in params and any("." in k for k in params):
+        raise PluginError(f"give the inner parameters as {INNER_PARAMS} or as inner.NAME, not both")
+    return out
 
 
 class PluginError(ValueError):
@@ -59,10 +85,13 @@ class FactoryContext:
     # How many clients the deployment has (None: not known, e.g. the offline CLI); defaults that
     # should scale with the federation read it (FedBuff's K).
     num_clients: int | None = None
+    # The mode the aggregator is built for ("sync", "async"; None: not said, e.g. listing plugins).
+    mode: str | None = None
 
     def create(self, name: str, params: Mapping[str, Any] | None = None) -> Aggregator:
-        """Build another registered aggregator (for wrappers such as dp-noise), sharing the rng."""
-        return self.registry.create(name, params, rng=self.rng, num_clients=self.num_clients)
+        """Build another registered aggregator (for wrappers such as dp-noise) for the same mode,
+        sharing the rng."""
+        return self.registry.create(name, params, rng=self.rng, mode=self.mode, num_clients=self.num_clients)
 
 
 @dataclass(frozen=True)
@@ -126,14 +155,30 @@ class AggregatorRegistry:
             raise PluginError(f"unknown aggregator {name!r}; available: {', '.join(self.names())}") from None
 
     def validate_params(self, name: str, params: Mapping[str, Any] | None) -> pydantic.BaseModel:
+        """Check ``params`` against the aggregator's model. A wrapper's (a model with ``inner`` and
+        ``inner_params``) inner parameters come dotted (``inner.mu``) or as ``inner_params`` and are
+        checked against the inner aggregator's own model, recursively."""
         info = self.info(name)
+        nested = nest_params(params or {})
+        fields = info.params.model_fields
+        if INNER_PARAMS in nested and not {INNER, INNER_PARAMS} <= set(fields):
+            dotted = sorted(k for k in (params or {}) if "." in k) or [INNER_PARAMS]
+            raise PluginError(
+                f"aggregator {name!r} wraps no inner aggregator: {', '.join(dotted)} are not its parameters"
+            )
         try:
-            return info.params.model_validate(dict(params or {}))
+            validated = info.params.model_validate(nested)
         except pydantic.ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg']}" for err in exc.errors()
             )
             raise PluginError(f"invalid parameters for aggregator {name!r}: {problems}") from None
+        if {INNER, INNER_PARAMS} <= set(fields) and getattr(validated, INNER) is not None:
+            inner = getattr(validated, INNER)
+            if inner == name:
+                raise PluginError(f"{name} cannot wrap itself")
+            self.validate_params(inner, getattr(validated, INNER_PARAMS))
+        return validated
 
     def create(
         self,
@@ -155,6 +200,7 @@ class AggregatorRegistry:
             rng=rng if rng is not None else np.random.default_rng(seed),
             registry=self,
             num_clients=num_clients,
+            mode=mode,
         )
         return info.factory(validated, context)
 

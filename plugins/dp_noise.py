@@ -34,6 +34,24 @@ is raised to z_delta. With adaptive off, z_delta = z. The reported ``clipped_fra
 noised when adaptive is on (so covered by the guarantee) and exact otherwise.
 
 Rounds are numbered from 1: after round r, r rounds of privacy have been spent.
+
+**Async mode** (around ``fedbuff``, the default inner there): each update's delta from the version
+its client trained on is clipped to C before it enters FedBuff's buffer, and every server step adds
+Gaussian noise to the buffered sum::
+
+    d_i'  = (w_i - x_base(i)) * min(1, C / ||w_i - x_base(i)||)
+    x    <- x + eta_g * (sum_i s(tau_i) d_i' + N(0, (z C)^2 I)) / K      (FedBuff's step, noised)
+
+FedBuff's step is linear in the sum, so the noise is added to the stepped weights scaled by
+eta_g / K. A client may have one update in each buffer (a second one is refused as
+``dp_one_per_buffer``), so one client moves the sum by at most C (s(tau) <= 1). The accountant
+counts server steps as rounds: after k steps, epsilon is that of k Gaussian mechanisms with
+multiplier z, Poisson-subsampled at ``sample_rate`` when it is below 1. What this assumes, and
+does not give: the guarantee is per client and per step with the buffer's membership treated as
+the sampling; which clients land in a buffer depends on timing, not on a random draw, so
+``sample_rate`` below 1 (amplification by subsampling) is not justified in async mode and should be
+left at 1. The budget stop ends the run after the last step that fits (``stop``). Adaptive clipping
+runs in sync mode only; client-reported metrics are not covered (as in sync).
 """
 
 from __future__ import annotations
@@ -50,6 +68,8 @@ from fedstream import hookimpl
 from fedstream.aggregation import (
     AggregationError,
     Aggregator,
+    AggregatorState,
+    AsyncResult,
     ClientUpdate,
     MetricsMean,
     PrivacyBudgetExhausted,
@@ -64,6 +84,10 @@ from fedstream.registry import FactoryContext, PluginError
 from fedstream.weights import Weights
 
 MAX_ROUNDS = 10**9
+# Inner aggregators whose step is not a mean of the clipped updates (noise must go on their input).
+SERVER_OPTIMIZERS = frozenset({"fedavgm", "fedadam", "fedyogi", "fedadagrad"})
+# The wrapper's own values in the async state (FedBuff's are beside them).
+STEPS, IN_BUFFER = "dp_steps", "dp_in_buffer"
 # Default count noise sigma_b = 5 z: the count query then takes 1% of the privacy
 # (z_delta = z / sqrt(0.99), about 1.005 z); at z = 1 it is the paper's sigma_b = m/20 for m = 100.
 DEFAULT_COUNT_NOISE_PER_Z = 5.0
@@ -123,7 +147,9 @@ class DpNoiseParams(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
     clip_norm: float = pydantic.Field(gt=0, description="L2 clip norm C of each client's update (initial C)")
     noise_multiplier: float = pydantic.Field(ge=0, description="noise multiplier z: noise std z*C/m")
-    inner: str = pydantic.Field("fedavg", description="aggregator that averages the clipped updates")
+    inner: str | None = pydantic.Field(
+        None, description="aggregator that averages the clipped updates (default fedavg; async: fedbuff)"
+    )
     inner_params: dict[str, Any] = pydantic.Field(
         default_factory=dict, description="the inner aggregator's parameters (or inner.NAME=VALUE)"
     )
@@ -256,6 +282,73 @@ class DpNoise(Wrapper):
             metrics=metrics,
             carry={**inner.carry, "clip_norm": next_clip_norm},
             stop=stop,
+            state=inner.state,
+        )
+
+    # ---- async: FedBuff's buffer, clipped and noised ---------------------------------------------
+    def apply_async(
+        self,
+        global_weights: Weights,
+        update: ClientUpdate,
+        *,
+        staleness: int,
+        state: AggregatorState | None = None,
+    ) -> AsyncResult:
+        own = dict(state.values) if state is not None else {}
+        steps = int(own.pop(STEPS, 0))
+        in_buffer = [c for c in str(own.pop(IN_BUFFER, "")).split(",") if c]
+        budget = self.params.epsilon_budget
+        if budget is not None and self.epsilon(steps + 1) > budget:
+            raise PrivacyBudgetExhausted(
+                f"server step {steps + 1} would bring epsilon to {self.epsilon(steps + 1):.4g}, "
+                f"over the budget of {budget:g}"
+            )
+        if update.client_id in in_buffer:
+            raise AggregationError(
+                "dp_one_per_buffer",
+                f"{update.client_id!r} already has an update in this buffer "
+                "(one client may move a server step by at most C)",
+            )
+        if update.base_weights is None:
+            raise AggregationError(
+                "missing_base_weights", f"dp-noise needs the base weights of {update.client_id!r}"
+            )
+        moved = delta(update.weights, update.base_weights)
+        norm = global_norm(moved)
+        scale = min(1.0, self._clip_norm / norm) if norm > 0 else 1.0
+        clipped = {
+            name: (update.base_weights[name] + tensor * scale).astype(update.weights[name].dtype)
+            for name, tensor in moved.items()
+        }
+        inner_state = None if state is None else AggregatorState(arrays=state.arrays, values=own)
+        result = self.inner.apply_async(
+            global_weights,
+            ClientUpdate(update.client_id, clipped, update.num_examples, update.metrics, update.base_version,
+                         update.base_weights),
+            staleness=staleness,
+            state=inner_state,
+        )  # fmt: skip
+        metrics = {**result.metrics, "clipped": float(norm > self._clip_norm), "clip_norm": self._clip_norm}
+        if result.weights is None:
+            held = result.state or AggregatorState()
+            values = {**held.values, STEPS: steps, IN_BUFFER: ",".join([*in_buffer, update.client_id])}
+            return AsyncResult(None, AggregatorState(held.arrays, values), metrics)
+        steps += 1
+        step_scale = float(self.inner.params.server_lr) / int(self.inner.buffer_size)
+        stddev = self.update_noise * self._clip_norm * step_scale
+        weights = {}
+        for name, tensor in result.weights.items():
+            noisy = tensor.astype(np.float64)
+            if stddev > 0:
+                noisy = noisy + self.rng.normal(0.0, stddev, size=tensor.shape)
+            weights[name] = noisy.astype(tensor.dtype)
+        held = result.state or AggregatorState()
+        stop = result.stop or (budget is not None and self.epsilon(steps + 1) > budget)
+        return AsyncResult(
+            weights,
+            AggregatorState(held.arrays, {**held.values, STEPS: steps, IN_BUFFER: ""}),
+            {**metrics, "epsilon": self.epsilon(steps), "server_steps": float(steps)},
+            stop=stop,
         )
 
     def _current_clip_norm(self, carry: Mapping[str, Scalar]) -> float:
@@ -266,17 +359,32 @@ class DpNoise(Wrapper):
 
 
 def _create(params: DpNoiseParams, ctx: FactoryContext) -> DpNoise:
-    if params.inner == "dp-noise":
+    if ctx.mode == "async":
+        inner_name = params.inner or "fedbuff"
+        if inner_name != "fedbuff":
+            raise PluginError(
+                f"in async mode dp-noise noises FedBuff's buffer: inner must be fedbuff, not {inner_name!r}"
+            )
+        if params.adaptive:
+            raise PluginError("adaptive clipping runs in sync mode only")
+        return DpNoise(params, ctx.create(inner_name, params.inner_params), ctx.rng)
+    inner_name = params.inner or "fedavg"
+    if inner_name == "dp-noise":
         raise PluginError("dp-noise cannot wrap itself")
-    info = ctx.registry.info(params.inner)
+    if inner_name in SERVER_OPTIMIZERS:
+        raise PluginError(
+            f"dp-noise adds its noise to the inner's result, so around {inner_name!r} the noise would "
+            "come after the optimizer's step instead of on the mean delta: not supported"
+        )
+    info = ctx.registry.info(inner_name)
     if "sync" not in info.modes:
-        raise PluginError(f"dp-noise needs a sync inner aggregator; {params.inner!r} runs in async mode only")
+        raise PluginError(f"dp-noise needs a sync inner aggregator; {inner_name!r} runs in async mode only")
     inner_params = dict(params.inner_params)
     if "weighted" in info.params.model_fields:
         if str(inner_params.get("weighted", False)).lower() not in ("false", "0"):
             raise PluginError("dp-noise weighs every client alike: inner.weighted must stay false")
         inner_params["weighted"] = False
-    return DpNoise(params, ctx.create(params.inner, inner_params), ctx.rng)
+    return DpNoise(params, ctx.create(inner_name, inner_params), ctx.rng)
 
 
 @hookimpl
@@ -285,6 +393,6 @@ def register_aggregators(register):
         "dp-noise",
         _create,
         params=DpNoiseParams,
-        modes=("sync",),
+        modes=("sync", "async"),
         description="Central DP: clip updates, average, add Gaussian noise (DP-FedAvg, McMahan et al. 2018)",
     )

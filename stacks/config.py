@@ -198,6 +198,7 @@ class DeploymentConfig(pydantic.BaseModel):
             constants.MODEL_COPIES_IN_MEMORY
             + self.download_threads
             + self.held_updates * constants.HELD_UPDATE_COPIES[self.mode]
+            + constants.STATE_MODEL_COPIES.get(self.aggregator, 0)
         )
         needed = constants.LAMBDA_BASE_MEMORY_MB + self.max_model_mb * copies
         return max(constants.LAMBDA_MIN_MEMORY_MB, 64 * math.ceil(needed / 64))

@@ -60,6 +60,10 @@ MODEL_COPIES_IN_MEMORY = 4
 # one it caches (2x each), so 6x.
 AGGREGATORS_HOLDING_UPDATES = frozenset({"median", "trimmed-mean", "krum"})
 HELD_UPDATE_COPIES = {"sync": 1, "async": 6}
+# Aggregators that keep model-sized state between steps, in float32-model sizes on top of the above:
+# the server optimizers' float64 m and v (4x), the float64 sum or buffer (2x) and the state blob the
+# host writes and caches (2x); FedAvgM keeps m only (2x less).
+STATE_MODEL_COPIES = {"fedadam": 8, "fedyogi": 8, "fedadagrad": 8, "fedavgm": 6}
 # Lambda allows 4 KB of environment in all; the client list and aggregator params get this much of it.
 LAMBDA_ENV_BUDGET_BYTES = 3000
 AGGREGATE_TIMEOUT_MINUTES = 15

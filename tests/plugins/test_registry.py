@@ -130,7 +130,7 @@ def test_unknown_aggregator_lists_the_available_ones():
     with pytest.raises(PluginError) as info:
         registry.create("fedavgg")
     assert "unknown aggregator 'fedavgg'" in str(info.value)
-    assert "fedavg, fedbuff" in str(info.value)
+    assert "fedavg, fedavgm, fedbuff" in str(info.value)
 
 
 def test_unknown_parameter_is_named():

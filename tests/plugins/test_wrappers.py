@@ -139,3 +139,8 @@ def test_a_third_party_wrapper_passes_everything_it_does_not_change_through(monk
     shrink.begin(base, RoundContext(round=1))
     shrink.accept(ClientUpdate("a", {"w": np.array([4.0, 8.0], np.float32)}, 1))
     np.testing.assert_allclose(shrink.finish().weights["w"], [1.0, 2.0])
+
+
+def test_dp_noise_refuses_a_server_optimizer_inside_it(registry):
+    with pytest.raises(PluginError, match="noise would come after the optimizer's step"):
+        registry.create("dp-noise", {**DP, "inner": "fedadam"}, seed=0)
