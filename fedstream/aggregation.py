@@ -129,9 +129,20 @@ class AsyncResult:
 
 
 class Aggregator:
-    """Base class: override the sync trio, ``apply_async``, or both, and declare ``modes``."""
+    """Base class: override the sync trio (``begin``/``accept``/``finish``), ``apply_async``, or both.
 
-    modes: ClassVar[frozenset[str]] = frozenset({"sync"})
+    ``modes`` is derived from what a subclass implements, never declared: "sync" when it overrides
+    ``finish``, "async" when it overrides ``apply_async``. The registry lists and checks it."""
+
+    modes: ClassVar[frozenset[str]] = frozenset()
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.modes = frozenset(
+            mode
+            for mode, method in (("sync", "finish"), ("async", "apply_async"))
+            if getattr(cls, method) is not getattr(Aggregator, method)
+        )
     # Updates staler than this are rejected by the host before ``apply_async`` (None: no bound).
     max_staleness: int | None = None
     # async: the fewest clients that keep a run going when each has one update in flight and one

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
+import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,7 +204,14 @@ class AggregatorRegistry:
             num_clients=num_clients,
             mode=mode,
         )
-        return info.factory(validated, context)
+        aggregator = info.factory(validated, context)
+        if mode is not None and mode not in type(aggregator).modes:
+            method = "finish" if mode == "sync" else "apply_async"
+            raise PluginError(
+                f"aggregator {name!r} ({info.source}) is registered for {mode} mode, but "
+                f"{type(aggregator).__name__} does not implement {method}"
+            )
+        return aggregator
 
 
 def dropin_dir() -> Path:
@@ -265,6 +274,21 @@ def _describe_source(pm: pluggy.PluginManager, plugin_name: str) -> str:
     return f"plugin {plugin_name!r}"
 
 
+def derived_modes(factory: Callable[..., Any]) -> frozenset[str] | None:
+    """The modes a factory's aggregator implements, when the factory says which class it builds (it
+    is an ``Aggregator`` subclass, or its return type is one); None when it does not say."""
+    built: Any = factory
+    if not isinstance(factory, type):
+        try:  # names the factory closes over resolve too (a class defined in a function)
+            local = inspect.getclosurevars(factory).nonlocals if inspect.isfunction(factory) else {}
+            built = typing.get_type_hints(factory, localns=local).get("return")
+        except Exception:  # an annotation that does not resolve says nothing
+            return None
+    if isinstance(built, type) and issubclass(built, Aggregator):
+        return built.modes
+    return None
+
+
 def build_registry(pm: pluggy.PluginManager | None = None) -> AggregatorRegistry:
     """Ask every plugin to register its aggregators; each registration remembers its source."""
     pm = pm or get_plugin_manager()
@@ -277,10 +301,18 @@ def build_registry(pm: pluggy.PluginManager | None = None) -> AggregatorRegistry
             factory: Callable[[Any, FactoryContext], Aggregator],
             *,
             params: type[pydantic.BaseModel] = NoParams,
-            modes: Iterable[str] = ("sync",),
+            modes: Iterable[str] | None = None,
             description: str = "",
             _source: str = source,
         ) -> None:
+            derived = derived_modes(factory)
+            if modes is None:
+                modes = derived or ("sync",)
+            elif derived is not None and frozenset(modes) != derived:
+                raise PluginError(
+                    f"aggregator {name!r} from {_source} is registered for {'/'.join(sorted(modes))} "
+                    f"mode but implements {'/'.join(sorted(derived)) or 'neither'}"
+                )
             registry.add(
                 AggregatorInfo(name, factory, params, frozenset(modes), description.strip(), _source)
             )

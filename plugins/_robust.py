@@ -102,7 +102,6 @@ def middle_mean(block: np.ndarray, cut: int) -> np.ndarray:
 class RobustAggregator(Aggregator):
     """Holds every update (sync: the round's; async: the buffer's) and hands them to ``combine``."""
 
-    modes = frozenset({"sync", "async"})
     name: ClassVar[str]
 
     def __init__(self, params: RobustParams, num_clients: int | None = None) -> None:

@@ -393,6 +393,6 @@ def register_aggregators(register):
         "dp-noise",
         _create,
         params=DpNoiseParams,
-        modes=("sync", "async"),
+        modes=DpNoise.modes,
         description="Central DP: clip updates, average, add Gaussian noise (DP-FedAvg, McMahan et al. 2018)",
     )

@@ -52,7 +52,6 @@ class FedAsyncParams(pydantic.BaseModel):
 
 
 class FedAsync(Aggregator):
-    modes = frozenset({"async"})
 
     def __init__(self, params: FedAsyncParams) -> None:
         self.params = params
@@ -87,6 +86,6 @@ def register_aggregators(register):
         "fedasync",
         lambda params, ctx: FedAsync(params),
         params=FedAsyncParams,
-        modes=("async",),
+        modes=FedAsync.modes,
         description="Mix each update into the model, weighted by staleness (Xie et al. 2019)",
     )

@@ -58,6 +58,6 @@ def register_aggregators(register):
         "fedavg",
         lambda params, ctx: FedAvg(params),
         params=FedAvgParams,
-        modes=("sync",),
+        modes=FedAvg.modes,
         description="Federated averaging weighted by examples (McMahan et al. 2017)",
     )

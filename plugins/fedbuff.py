@@ -67,7 +67,6 @@ def default_buffer_size(num_clients: int | None) -> int:
 
 
 class FedBuff(Aggregator):
-    modes = frozenset({"async"})
 
     def __init__(self, params: FedBuffParams, num_clients: int | None = None) -> None:
         self.params = params
@@ -134,6 +133,6 @@ def register_aggregators(register):
         "fedbuff",
         lambda params, ctx: FedBuff(params, ctx.num_clients),
         params=FedBuffParams,
-        modes=("async",),
+        modes=FedBuff.modes,
         description="Buffer K staleness-weighted deltas, then take one server step (Nguyen et al. 2022)",
     )

@@ -35,6 +35,6 @@ def register_aggregators(register):
         "fedprox",
         lambda params, ctx: FedProx(params),
         params=FedProxParams,
-        modes=("sync",),
+        modes=FedProx.modes,
         description="FedAvg on the server with a proximal term mu on clients (Li et al. 2020)",
     )

@@ -76,7 +76,7 @@ def register_aggregators(register):
         "krum",
         lambda params, ctx: Krum(params, ctx.num_clients),
         params=KrumParams,
-        modes=("sync", "async"),
+        modes=Krum.modes,
         description="Mean of the m updates nearest their n-f-2 closest others: Krum, Multi-Krum "
         "(Blanchard et al. 2017); keeps all K updates of a round or buffer: memory O(K x model)",
     )

@@ -42,7 +42,7 @@ def register_aggregators(register):
         "median",
         lambda params, ctx: Median(params, ctx.num_clients),
         params=MedianParams,
-        modes=("sync", "async"),
+        modes=Median.modes,
         description="Coordinate-wise median, unweighted (Yin et al. 2018); keeps all K updates of a round "
         "or buffer: memory O(K x model)",
     )

@@ -124,7 +124,6 @@ def _counter(values: Mapping[str, object], key: str) -> int:
 class ServerOptimizer(Aggregator):
     """One optimizer step per sync round or per full async buffer; subclasses give the moments."""
 
-    modes = frozenset({"sync", "async"})
     name: ClassVar[str]
     description: ClassVar[str]
     moments: ClassVar[tuple[str, ...]] = ("m", "v")
@@ -380,6 +379,6 @@ def register_aggregators(register):
             optimizer.name,
             lambda validated, ctx, optimizer=optimizer: optimizer(validated, ctx.num_clients),
             params=params,
-            modes=("sync", "async"),
+            modes=optimizer.modes,
             description=optimizer.description,
         )

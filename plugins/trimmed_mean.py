@@ -55,7 +55,7 @@ def register_aggregators(register):
         "trimmed-mean",
         lambda params, ctx: TrimmedMean(params, ctx.num_clients),
         params=TrimmedMeanParams,
-        modes=("sync", "async"),
+        modes=TrimmedMean.modes,
         description="Coordinate-wise mean without floor(beta * n) values at each end, unweighted "
         "(Yin et al. 2018); keeps all K updates of a round or buffer: memory O(K x model)",
     )

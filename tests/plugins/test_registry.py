@@ -197,3 +197,64 @@ def test_env_var_skips_entry_points(monkeypatch):
     monkeypatch.delenv(AUTOLOAD_ENV)
     get_plugin_manager(plugin_dirs=[])
     assert calls == ["fedstream"]
+
+
+def test_an_aggregators_modes_come_from_what_it_implements(monkeypatch):
+    from fedstream import hookimpl
+    from fedstream.aggregation import Aggregator, AsyncResult, RoundResult
+    from fedstream.registry import build_registry, get_plugin_manager
+
+    class SyncOnly(Aggregator):
+        def begin(self, global_weights, context): ...
+        def accept(self, update): ...
+        def finish(self):
+            return RoundResult({}, {})
+
+    class Both(SyncOnly):
+        def apply_async(self, global_weights, update, *, staleness, state=None):
+            return AsyncResult(None)
+
+    def make_both(params, ctx) -> Both:
+        return Both()
+
+    class Plugin:
+        @hookimpl
+        def register_aggregators(self, register):
+            register("sync-only", lambda p, ctx: SyncOnly())  # a lambda says nothing: sync, checked at create
+            register("both", make_both)  # annotated: derived
+            register("klass", Both)
+            register("lying", lambda p, ctx: SyncOnly(), modes=("async",))
+
+    monkeypatch.setenv("FEDSTREAM_DISABLE_PLUGIN_AUTOLOAD", "1")
+    pm = get_plugin_manager(plugin_dirs=[])
+    pm.register(Plugin(), "test")
+    registry = build_registry(pm)
+    assert SyncOnly.modes == {"sync"} and Both.modes == {"sync", "async"}
+    assert registry.info("both").modes == {"sync", "async"} and registry.info("klass").modes == {
+        "sync",
+        "async",
+    }
+    assert registry.info("sync-only").modes == {"sync"}
+    # a registration that claims a mode its class does not implement is refused when it is built
+    with pytest.raises(
+        PluginError, match="registered for async mode, but SyncOnly does not implement apply_async"
+    ):
+        registry.create("lying", mode="async")
+
+
+def test_a_registration_contradicting_its_class_is_refused(monkeypatch):
+    from fedstream.plugins.fedavg import FedAvg
+
+    from fedstream import hookimpl
+    from fedstream.registry import build_registry, get_plugin_manager
+
+    class Plugin:
+        @hookimpl
+        def register_aggregators(self, register):
+            register("wrong", FedAvg, modes=("async",))
+
+    monkeypatch.setenv("FEDSTREAM_DISABLE_PLUGIN_AUTOLOAD", "1")
+    pm = get_plugin_manager(plugin_dirs=[])
+    pm.register(Plugin(), "test")
+    with pytest.raises(PluginError, match="registered for async mode but implements sync"):
+        build_registry(pm)

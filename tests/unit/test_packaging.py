@@ -15,6 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILT_INS = {"fedavg", "fedprox", "dp-noise", "fedasync", "fedbuff", "median", "trimmed-mean", "krum"}
+BUILT_INS |= {"fedavgm", "fedadam", "fedyogi", "fedadagrad"}
 
 
 def run(*command: str | Path, cwd: Path, env: dict[str, str] | None = None) -> str:
