@@ -243,7 +243,7 @@ def run_local(config: LocalRunConfig) -> RunSummary:
         plan.arm_handler_points()
         stack.callback(faults.disarm)
         aggregator = registry.create(
-            config.aggregator, config.params, seed=config.seed, num_clients=config.clients
+            config.aggregator, config.params, seed=config.seed, mode=config.mode, num_clients=config.clients
         )
         progress = Progress(console_stream, config, client_ids, enabled=config.progress)
         close_progress = _once(progress.close)

@@ -86,3 +86,33 @@ def test_async_learns_as_well_as_sync_with_one_update_in_flight_per_client(
     assert staleness["max"] <= staleness_bound, staleness
     assert staleness["max_by_quarter"][-1] <= staleness["max_by_quarter"][0], staleness
     assert summary.counts["received"] == sum(figures["outcomes"].values())
+
+
+def test_dp_noise_in_async_mode_ends_the_run_at_its_privacy_budget(tmp_path: Path) -> None:
+    from fedstream.plugins.dp_noise import epsilon_for
+
+    # GIVEN dp-noise around FedBuff (K = 2) with a budget that four server steps fit and five do not
+    budget = (epsilon_for(0.5, 1.0, 4, 1e-5) + epsilon_for(0.5, 1.0, 5, 1e-5)) / 2
+    params = {"clip_norm": "5", "noise_multiplier": "0.5", "inner.buffer_size": "2", "epsilon_budget": budget}
+    config = LocalRunConfig(
+        mode="async",
+        aggregator="dp-noise",
+        params=params,
+        clients=4,
+        updates=40,
+        dataset="digits",
+        trainer="numpy",
+        out=tmp_path,
+        progress=False,
+        seed=3,
+        client_runtime="thread",
+    )
+
+    # WHEN the run goes through the async handler
+    summary = run_local(config)
+
+    # THEN it ends after the fourth step, well before its 40 updates, with epsilon within the budget
+    assert summary.status == "SUCCEEDED", summary.error
+    assert summary.final_version == 4 and summary.counts["applied"] == 8
+    assert summary.rounds[-1].epsilon == pytest.approx(epsilon_for(0.5, 1.0, 4, 1e-5))
+    assert summary.rounds[-1].epsilon <= budget
