@@ -143,6 +143,7 @@ class Aggregator:
             for mode, method in (("sync", "finish"), ("async", "apply_async"))
             if getattr(cls, method) is not getattr(Aggregator, method)
         )
+
     # Updates staler than this are rejected by the host before ``apply_async`` (None: no bound).
     max_staleness: int | None = None
     # async: the fewest clients that keep a run going when each has one update in flight and one
@@ -161,16 +162,6 @@ class Aggregator:
 
     def finish(self) -> RoundResult:
         raise NotImplementedError(f"{type(self).__name__} does not aggregate synchronous rounds")
-
-    def check_staleness(self, update: ClientUpdate, staleness: int) -> None:
-        """Refuse a negative staleness, or one beyond ``max_staleness``, with its reason."""
-        if staleness < 0:
-            raise AggregationError("bad_staleness", f"staleness must be >= 0, got {staleness}")
-        if self.max_staleness is not None and staleness > self.max_staleness:
-            raise AggregationError(
-                "stale",
-                f"update from {update.client_id!r} is {staleness} versions stale (max {self.max_staleness})",
-            )
 
     def apply_async(
         self,

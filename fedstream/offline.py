@@ -43,19 +43,17 @@ from fedstream.bounds import (
     InfluenceBounds,
     admit_round,
     check_change,
-    check_norm,
     delta_norm,
-    remember_norm,
 )
 from fedstream.cli import CliError, parse_params
 from fedstream.errors import Refused
+from fedstream.host import async_step, check_stale, staleness_of
 from fedstream.registry import AggregatorInfo, AggregatorRegistry, build_registry
 from fedstream.weights import (
     DEFAULT_MAX_BYTES,
     ModelSpec,
     Weights,
     WireFormatError,
-    all_finite,
     decode,
     load_file,
     save_file,
@@ -245,17 +243,25 @@ def aggregate_files(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_state(path: Path | None) -> AggregatorState | None:
-    """``--state``: None without the option or before the first call (no file yet)."""
+def _read_state(path: Path | None, aggregator: str, version: int) -> AggregatorState | None:
+    """``--state``: None without the option or before the first call (no file yet). A state belongs
+    to the version it was written with and to its aggregator: one written for another version (a
+    round run twice, the wrong ``--global``) or another aggregator is refused, not applied."""
     if path is None or not path.exists():
         return None
     limit = STATE_SIZE_FACTOR * DEFAULT_MAX_BYTES
     try:
         if path.stat().st_size > limit:
             raise WireFormatError("too_large", f"{path.stat().st_size} bytes, over the limit of {limit}")
-        state, _ = state_from_bytes(path.read_bytes(), limit)
-    except (OSError, Refused) as exc:
+        state, meta = state_from_bytes(path.read_bytes(), limit)
+    except (OSError, ValueError, Refused) as exc:
         raise CliError(f"--state {path} is not a fedstream aggregator state: {exc}") from None
+    if meta.get("aggregator") != aggregator:
+        raise CliError(f"--state {path} holds the state of {meta.get('aggregator')!r}, not of {aggregator!r}")
+    if meta.get("version") != str(version):
+        raise CliError(
+            f"--state {path} belongs to version {meta.get('version')}, but --global is version {version}"
+        )
     return state
 
 
@@ -368,7 +374,7 @@ def _aggregate_round(
     for name, why in refused.items():
         refusals.add(name, why.reason, str(why))
 
-    previous = _read_state(args.state)
+    previous = _read_state(args.state, args.aggregator, version)
     aggregator.begin(
         global_weights, RoundContext(round=args.round, carry=_parse_carry(args.carry), state=previous)
     )
@@ -425,23 +431,16 @@ def _apply_in_order(
     base_paths = _parse_bases(args.base)
     bases: dict[int, Weights] = {version: global_weights}
     current, current_version = global_weights, version
-    state = _read_state(args.state)
+    state = _read_state(args.state, args.aggregator, version)
     norms: list[float] = []  # the reference window: delta norms of the updates taken
     seen: dict[str, str] = {}  # sha256 -> the first update with those bytes
     applied: list[dict[str, Any]] = []
     for text in args.updates:
         path, num_examples, base_version = _parse_update(text, with_base_version=True)
         name = str(path)
-        staleness = current_version - base_version
         try:
-            if staleness < 0:
-                raise Refused(
-                    "future_base_version",
-                    f"claims base version {base_version}, newer than version {current_version}",
-                )
-            limit = aggregator.max_staleness
-            if limit is not None and staleness > limit:
-                raise Refused("stale", f"{staleness} versions stale (max {limit})")
+            staleness = staleness_of(current_version, base_version)
+            check_stale(aggregator, staleness)  # before reading the file (async_step judges it too)
         except Refused as exc:
             refusals.add(name, exc.reason, str(exc))
             continue
@@ -452,19 +451,24 @@ def _apply_in_order(
             if digest in seen:
                 raise Refused("duplicate", f"the same bytes as {seen[digest]} (sha256 {digest})")
             seen[digest] = name
-            norm = delta_norm(weights, bases.get(base_version, current))
-            check_change(norm, name)
-            check_norm(bounds, norm, norms, name)
             update = ClientUpdate(
                 path.stem,
                 weights,
-                min(num_examples, bounds.max_examples or num_examples),
+                num_examples,
                 base_version=base_version,
                 base_weights=bases.get(base_version),
             )
-            result = aggregator.apply_async(current, update, staleness=staleness, state=state)
-            if result.weights is not None and not all_finite(result.weights):
-                raise Refused("non_finite", "applying it would make the model non-finite")
+            step = async_step(
+                aggregator,
+                current,
+                update,
+                staleness=staleness,
+                state=state,
+                bounds=bounds,
+                norms=norms,
+                trained_from=bases.get(base_version, current),
+            )
+            result, norm = step.result, step.norm
         except AggregationError as exc:  # the aggregator's; missing_base_weights is the user's to fix
             if exc.reason == "missing_base_weights":
                 raise CliError(
@@ -476,7 +480,7 @@ def _apply_in_order(
         except Refused as exc:
             refusals.add(name, exc.reason, str(exc))
             continue
-        norms = remember_norm(bounds, norms, norm)
+        norms = step.norms
         state = result.state
         if result.weights is not None:
             current, current_version = result.weights, current_version + 1
@@ -486,7 +490,7 @@ def _apply_in_order(
                 "update": name,
                 "staleness": staleness,
                 "new_version": current_version if result.weights is not None else None,
-                "num_examples": update.num_examples,
+                "num_examples": min(num_examples, bounds.max_examples or num_examples),
                 "delta_norm": norm,
                 "metrics": result.metrics,
             }

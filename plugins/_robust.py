@@ -152,7 +152,6 @@ class RobustAggregator(Aggregator):
         staleness: int,
         state: AsyncState | None = None,
     ) -> AsyncResult:
-        self.check_staleness(update, staleness)
         fresh, weight = weighted_delta(self.name, update, staleness)
         count = self._buffered(state, global_weights)
         self._refuse_overflow(global_weights, fresh, update.client_id)

@@ -52,7 +52,6 @@ class FedAsyncParams(pydantic.BaseModel):
 
 
 class FedAsync(Aggregator):
-
     def __init__(self, params: FedAsyncParams) -> None:
         self.params = params
         self.max_staleness = params.max_staleness
@@ -70,7 +69,6 @@ class FedAsync(Aggregator):
         staleness: int,
         state: AsyncState | None = None,
     ) -> AsyncResult:
-        self.check_staleness(update, staleness)
         mixing = self.mixing_weight(staleness)
         weights: Weights = {}
         for name, current in global_weights.items():

@@ -67,7 +67,6 @@ def default_buffer_size(num_clients: int | None) -> int:
 
 
 class FedBuff(Aggregator):
-
     def __init__(self, params: FedBuffParams, num_clients: int | None = None) -> None:
         self.params = params
         self.buffer_size = params.buffer_size or default_buffer_size(num_clients)
@@ -84,7 +83,6 @@ class FedBuff(Aggregator):
         staleness: int,
         state: AsyncState | None = None,
     ) -> AsyncResult:
-        self.check_staleness(update, staleness)
         buffered, weight = weighted_delta("fedbuff", update, staleness)
         count = self._check_state(state, global_weights)
         # Fresh arrays: accumulate in place, leaving `state` untouched.

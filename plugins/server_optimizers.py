@@ -264,7 +264,6 @@ class ServerOptimizer(Aggregator):
         staleness: int,
         state: AggregatorState | None = None,
     ) -> AsyncResult:
-        self.check_staleness(update, staleness)
         buffered, weight = weighted_delta(self.name, update, staleness)
         count, step, buffer, held = self._read_state(state, global_weights)
         if count >= self.buffer_size:

@@ -48,19 +48,16 @@ from fedstream import faults, keys
 from fedstream.aggregation import Aggregator, AsyncState, ClientUpdate
 from fedstream.bounds import (
     InfluenceBounds,
-    check_change,
-    check_norm,
-    delta_norm,
     for_run,
-    remember_norm,
 )
 from fedstream.errors import Refused
+from fedstream.host import async_step, check_stale, staleness_of
 from fedstream.registry import AggregatorRegistry
 from fedstream.schemas import ModelReady, TrainingComplete, UpdateRecord
 from fedstream.server.records import Rejected, check_identity, digest_sk, load_update, parse_record, prefetch
 from fedstream.server.store import ConditionFailed, GlobalModel, MissingObject, Repository
 from fedstream.settings import HandlerSettings
-from fedstream.weights import Weights, all_finite, decode, encode, sha256_hex
+from fedstream.weights import Weights, decode, encode, sha256_hex
 
 MAX_CONFLICT_RETRIES = 8
 # DynamoDB takes at most 100 items a transaction: the state, the version item and two markers a
@@ -378,11 +375,7 @@ class _RunBatch:
         if not plan.running:
             status = "finished" if plan.finished else plan.state.get("status")
             raise Rejected("run_finished", f"run {self.run_id!r} is {status}")
-        staleness = plan.version - record.base_version
-        if staleness < 0:
-            raise Rejected(
-                "future_base_version", f"base version {record.base_version} > current {plan.version}"
-            )
+        staleness = staleness_of(plan.version, record.base_version)
         released = int(plan.state.get("released", {}).get(record.client_id, 0))
         if record.client_id in seen_clients or record.base_version < released:
             raise Rejected(
@@ -390,8 +383,7 @@ class _RunBatch:
                 f"client {record.client_id!r} trained on version {record.base_version} before its previous "
                 f"update was consumed (released at version {released})",
             )
-        if aggregator.max_staleness is not None and staleness > aggregator.max_staleness:
-            raise Rejected("stale", f"update is {staleness} versions stale (max {aggregator.max_staleness})")
+        check_stale(aggregator, staleness)  # before the download (async_step judges it too)
         verdict.staleness = staleness
         base = self._version_model(record.base_version)
         if isinstance(downloaded, BaseException):
@@ -400,23 +392,27 @@ class _RunBatch:
             assert plan.model is not None  # a running run's model is loaded
             downloaded = load_update(self.store, record, plan.model.spec)[0]
         weights = downloaded
-        bounds = for_run(self.settings.bounds, plan.state.get("bounds"))
-        norm = delta_norm(weights, base.weights)
-        check_change(norm, record.client_id)
-        check_norm(bounds, norm, plan.norms, record.client_id)
         update = ClientUpdate(
             record.client_id,
             weights,
-            min(record.num_examples, bounds.max_examples or record.num_examples),
+            record.num_examples,
             record.metrics.as_dict(),
             record.base_version,
             base.weights,
         )
-        result = aggregator.apply_async(plan.weights, update, staleness=staleness, state=plan.buffer)
-        if result.weights is not None and not all_finite(result.weights):
-            raise Rejected("non_finite", f"applying {update_ref(record)} would make the model non-finite")
+        step = async_step(
+            aggregator,
+            plan.weights,
+            update,
+            staleness=staleness,
+            state=plan.buffer,
+            bounds=for_run(self.settings.bounds, plan.state.get("bounds")),
+            norms=plan.norms,
+            trained_from=base.weights,
+        )
+        result = step.result
         verdict.metrics = {k: float(v) for k, v in result.metrics.items()}
-        plan.norms = remember_norm(bounds, plan.norms, norm)
+        plan.norms = step.norms
         plan.buffer_ids.append(update_ref(record))
         if result.weights is None:
             verdict.outcome = "buffered"

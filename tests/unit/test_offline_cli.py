@@ -353,7 +353,7 @@ def test_bad_input_is_one_line_on_stderr_and_exit_2(files, capsys, extra, fragme
     [
         (["fedavg"], "shape", ":1", "tensor_shape", "has shape (4,), expected (2, 2)"),
         (["fedavg"], "evil", ":1", "not_safetensors", "pickle"),
-        (["fedasync"], "a", ":1:9", "future_base_version", "newer than version 4"),
+        (["fedasync"], "a", ":1:9", "future_base_version", "base version 9 > current 4"),
         (["fedasync", "--param", "max_staleness=2"], "a", ":1:0", "stale", "4 versions stale"),
     ],
 )

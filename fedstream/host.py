@@ -1,0 +1,69 @@
+"""Where an async update meets its aggregator: the one step every host takes.
+
+The async handler (``fedstream.server.asynchronous``) and the offline CLI (``fedstream aggregate
+--mode async``) call ``async_step`` for each update, after their own checks (identity, duplicates,
+one update in flight); it judges staleness and the influence bounds, once, for every aggregator,
+so a plugin's ``apply_async`` never sees a stale, unchanged or outsized update, and refuses a step
+whose result is not finite. Sync rounds judge their updates together (``fedstream.bounds.admit_round``)
+before the aggregator's ``begin/accept/finish``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from fedstream.aggregation import Aggregator, AggregatorState, AsyncResult, ClientUpdate
+from fedstream.bounds import InfluenceBounds, check_change, check_norm, delta_norm, remember_norm
+from fedstream.errors import Refused
+from fedstream.weights import Weights, all_finite
+
+
+def staleness_of(current_version: int, base_version: int) -> int:
+    """Versions between the one an update was trained on and the one it meets; a base from the
+    future is refused (``future_base_version``)."""
+    staleness = current_version - base_version
+    if staleness < 0:
+        raise Refused("future_base_version", f"base version {base_version} > current {current_version}")
+    return staleness
+
+
+def check_stale(aggregator: Aggregator, staleness: int) -> None:
+    """Refuse an update staler than the aggregator's ``max_staleness`` (``stale``)."""
+    limit = aggregator.max_staleness
+    if limit is not None and staleness > limit:
+        raise Refused("stale", f"update is {staleness} versions stale (max {limit})")
+
+
+@dataclass
+class Step:
+    result: AsyncResult
+    norm: float  # the update's delta norm from the model it was trained on
+    norms: list[float]  # the bounds' reference window, with this update taken
+
+
+def async_step(
+    aggregator: Aggregator,
+    current: Weights,
+    update: ClientUpdate,
+    *,
+    staleness: int,
+    state: AggregatorState | None,
+    bounds: InfluenceBounds,
+    norms: list[float],
+    trained_from: Weights,
+) -> Step:
+    """Judge ``update`` (staleness, ``no_change``, ``norm_bound``, the example cap) and hand it to
+    the aggregator; refuse a step whose weights are not finite (``non_finite``). Raises ``Refused``
+    with the reason; the given state and window are never changed."""
+    check_stale(aggregator, staleness)
+    norm = delta_norm(update.weights, trained_from)
+    check_change(norm, update.client_id)
+    check_norm(bounds, norm, norms, update.client_id)
+    if bounds.max_examples is not None and update.num_examples > bounds.max_examples:
+        update = replace(update, num_examples=bounds.max_examples)
+    result = aggregator.apply_async(current, update, staleness=staleness, state=state)
+    if result.weights is not None and not all_finite(result.weights):
+        raise Refused(
+            "non_finite", f"applying the update of {update.client_id!r} would make the model non-finite"
+        )
+    return Step(result, norm, remember_norm(bounds, norms, norm))
