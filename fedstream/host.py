@@ -1,18 +1,27 @@
-"""Where an async update meets its aggregator: the one step every host takes.
+"""Where updates meet their aggregator: the one round and the one async step every host takes.
 
-The async handler (``fedstream.server.asynchronous``) and the offline CLI (``fedstream aggregate
---mode async``) call ``async_step`` for each update, after their own checks (identity, duplicates,
-one update in flight); it judges staleness and the influence bounds, once, for every aggregator,
-so a plugin's ``apply_async`` never sees a stale, unchanged or outsized update, and refuses a step
-whose result is not finite. Sync rounds judge their updates together (``fedstream.bounds.admit_round``)
-before the aggregator's ``begin/accept/finish``.
+The sync handler (``fedstream.server.sync``) and the offline CLI run a round with ``sync_round``
+after judging its updates together (``fedstream.bounds.admit_round``); the async handler
+(``fedstream.server.asynchronous``) and ``fedstream aggregate --mode async`` call ``async_step``
+for each update, after their own checks (identity, duplicates, one update in flight). Staleness
+and the influence bounds are judged here or in ``admit_round``, once, for every aggregator: a
+plugin never sees a stale, unchanged or outsized update. The state the aggregator returns
+(``RoundResult.state``, ``AsyncResult.state``) is the host's to persist with the version.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
-from fedstream.aggregation import Aggregator, AggregatorState, AsyncResult, ClientUpdate
+from fedstream.aggregation import (
+    Aggregator,
+    AggregatorState,
+    AsyncResult,
+    ClientUpdate,
+    RoundContext,
+    RoundResult,
+)
 from fedstream.bounds import InfluenceBounds, check_change, check_norm, delta_norm, remember_norm
 from fedstream.errors import Refused
 from fedstream.weights import Weights, all_finite
@@ -67,3 +76,23 @@ def async_step(
             "non_finite", f"applying the update of {update.client_id!r} would make the model non-finite"
         )
     return Step(result, norm, remember_norm(bounds, norms, norm))
+
+
+def sync_round(
+    aggregator: Aggregator,
+    global_weights: Weights,
+    context: RoundContext,
+    updates: Iterable[ClientUpdate],
+    nothing: Callable[[], Exception],
+) -> RoundResult:
+    """One round: ``begin`` (with the previous round's state in ``context``), each admitted update
+    in turn (``updates`` may download lazily: one in memory at a time), ``finish``. ``nothing()`` is
+    raised when no update came."""
+    aggregator.begin(global_weights, context)
+    taken = 0
+    for update in updates:
+        aggregator.accept(update)
+        taken += 1
+    if not taken:
+        raise nothing()
+    return aggregator.finish()

@@ -20,7 +20,7 @@ import functools
 import json
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ from fedstream.bounds import (
 )
 from fedstream.cli import CliError, parse_params
 from fedstream.errors import Refused
-from fedstream.host import async_step, check_stale, staleness_of
+from fedstream.host import async_step, check_stale, staleness_of, sync_round
 from fedstream.registry import AggregatorInfo, AggregatorRegistry, build_registry
 from fedstream.weights import (
     DEFAULT_MAX_BYTES,
@@ -375,27 +375,32 @@ def _aggregate_round(
         refusals.add(name, why.reason, str(why))
 
     previous = _read_state(args.state, args.aggregator, version)
-    aggregator.begin(
-        global_weights, RoundContext(round=args.round, carry=_parse_carry(args.carry), state=previous)
-    )
     accepted: list[dict[str, Any]] = []
-    for name in [name for name in candidates if name in admitted]:
-        path = paths[name]
-        try:
-            weights, digest = _read_update(path, spec)  # one update in memory at a time
-            if digest != digests[name]:
-                raise WireFormatError("changed", f"the file changed between the two reads (sha256 {digest})")
-        except WireFormatError as exc:
-            refusals.add(name, exc.reason, str(exc))
-            continue
-        aggregator.accept(ClientUpdate(path.stem, weights, admitted[name], base_version=version))
-        del weights
-        norm, given = candidates[name]
-        capped = {"given_examples": given} if given != admitted[name] else {}
-        accepted.append({"update": name, "num_examples": admitted[name], **capped, "delta_norm": norm})
-    if not accepted:
-        raise refusals.none_aggregated(len(updates))
-    result = aggregator.finish()
+
+    def read_admitted() -> Iterator[ClientUpdate]:
+        for name in [name for name in candidates if name in admitted]:
+            path = paths[name]
+            try:
+                weights, digest = _read_update(path, spec)  # one update in memory at a time
+                if digest != digests[name]:
+                    raise WireFormatError(
+                        "changed", f"the file changed between the two reads (sha256 {digest})"
+                    )
+            except WireFormatError as exc:
+                refusals.add(name, exc.reason, str(exc))
+                continue
+            norm, given = candidates[name]
+            capped = {"given_examples": given} if given != admitted[name] else {}
+            accepted.append({"update": name, "num_examples": admitted[name], **capped, "delta_norm": norm})
+            yield ClientUpdate(path.stem, weights, admitted[name], base_version=version)
+
+    result = sync_round(
+        aggregator,
+        global_weights,
+        RoundContext(round=args.round, carry=_parse_carry(args.carry), state=previous),
+        read_admitted(),
+        nothing=lambda: refusals.none_aggregated(len(updates)),
+    )
     sha256 = _write(args, result.weights, version + 1, version, round=str(args.round))
     state_path = _write_state(args.state, result.state, args.aggregator, version + 1)
     return {

@@ -13,7 +13,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -22,6 +22,7 @@ from fedstream import faults, keys
 from fedstream.aggregation import AggregationError, ClientUpdate, PrivacyBudgetExhausted, RoundContext
 from fedstream.bounds import admit_round, check_change, delta_norm, for_run
 from fedstream.errors import Refused
+from fedstream.host import sync_round
 from fedstream.registry import AggregatorRegistry
 from fedstream.schemas import UpdateRecord
 from fedstream.server.records import (
@@ -417,7 +418,6 @@ def _aggregate_and_publish(
     aggregator = registry.create(settings.aggregator, settings.aggregator_params, seed=seed, mode="sync")
     carry = json.loads(state.get("carry") or "{}")
     previous = store.aggregator_state(state.get("aggregator_state_key"))
-    aggregator.begin(base.weights, RoundContext(round=round_number, carry=carry, state=previous))
 
     # The reports as validated at registration: a record rewritten since then changes nothing.
     reports: dict[str, ValidatedReport] = {}
@@ -443,21 +443,32 @@ def _aggregate_and_publish(
         return weights, size
 
     accepted: list[str] = []
-    model_bytes = 0
-    for client_id, fetched in prefetch(sorted(admitted), fetch, settings.download_threads):
-        if isinstance(fetched, Refused):  # the update's refusal (``load_update``): skip it
-            skipped[client_id], skipped_why[client_id] = fetched.reason, str(fetched)
-            continue
-        if isinstance(fetched, BaseException):
-            raise fetched
-        weights, size = fetched
-        report = reports[client_id]
-        aggregator.accept(ClientUpdate(client_id, weights, admitted[client_id], report.metrics, base_version))
-        accepted.append(client_id)
-        model_bytes = size
-    if not accepted:
-        raise AggregationError("no_updates", f"round {round_number}: no update could be read ({skipped})")
-    result = aggregator.finish()
+    sizes: list[int] = []
+
+    def downloaded() -> Iterator[ClientUpdate]:
+        for client_id, fetched in prefetch(sorted(admitted), fetch, settings.download_threads):
+            if isinstance(fetched, Refused):  # the update's refusal (``load_update``): skip it
+                skipped[client_id], skipped_why[client_id] = fetched.reason, str(fetched)
+                continue
+            if isinstance(fetched, BaseException):
+                raise fetched
+            weights, size = fetched
+            accepted.append(client_id)
+            sizes.append(size)
+            yield ClientUpdate(
+                client_id, weights, admitted[client_id], reports[client_id].metrics, base_version
+            )
+
+    result = sync_round(
+        aggregator,
+        base.weights,
+        RoundContext(round=round_number, carry=carry, state=previous),
+        downloaded(),
+        nothing=lambda: AggregationError(
+            "no_updates", f"round {round_number}: no update could be read ({skipped})"
+        ),
+    )
+    model_bytes = sizes[-1]
     # JSON (the callback, the logs) has no Infinity/NaN: a non-finite figure (epsilon with no noise)
     # is left out, and the round says so.
     metrics = {k: float(v) for k, v in result.metrics.items() if math.isfinite(float(v))}

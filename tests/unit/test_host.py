@@ -9,7 +9,7 @@ import pytest
 from fedstream.aggregation import ClientUpdate
 from fedstream.bounds import InfluenceBounds
 from fedstream.errors import Refused
-from fedstream.host import async_step, staleness_of
+from fedstream.host import async_step, staleness_of, sync_round
 from fedstream.registry import default_registry
 
 ASYNC = [
@@ -74,3 +74,28 @@ def test_a_base_from_the_future_is_refused():
     with pytest.raises(Refused) as refused:
         staleness_of(3, 5)
     assert refused.value.reason == "future_base_version"
+
+
+def test_a_round_takes_each_admitted_update_once_and_says_when_none_came():
+    from fedstream.aggregation import AggregationError, RoundContext
+
+    fedavg = default_registry().create("fedavg", mode="sync")
+    updates = [moved(1.0, 1), moved(3.0, 3)]
+    pulled = []
+
+    def lazily():  # one update in memory at a time, as the hosts download them
+        for update in updates:
+            pulled.append(update.client_id)
+            yield update
+
+    result = sync_round(fedavg, BASE, RoundContext(round=1), lazily(), nothing=lambda: AssertionError())
+    np.testing.assert_allclose(result.weights["w"], 2.5)
+    assert len(pulled) == 2
+    with pytest.raises(AggregationError, match="nothing came"):
+        sync_round(
+            fedavg,
+            BASE,
+            RoundContext(round=2),
+            iter(()),
+            nothing=lambda: AggregationError("no_updates", "nothing came"),
+        )
