@@ -72,6 +72,13 @@ ASYNC_UPDATE_TIMEOUT_MINUTES = 10
 SYNC_STREAM_BATCH_SIZE = 10
 ASYNC_STREAM_BATCH_SIZE = 10  # a batch is one step and one commit (at most 98 records a commit)
 STREAM_RETRY_ATTEMPTS = 3
+# Records older than this are given up on (to the stream-failure queue): well inside the stream's
+# 24 h retention, so nothing expires unseen.
+STREAM_MAX_RECORD_AGE_HOURS = 6
+# IteratorAge (how old the newest record a stream function took was) above this for
+# ITERATOR_AGE_PERIODS periods of a minute means the function does not keep up, or has stopped.
+ITERATOR_AGE_ALARM_SECONDS = 300
+ITERATOR_AGE_PERIODS = 5
 ASYNC_PARALLELIZATION_FACTOR = 1
 
 # --- Queues -------------------------------------------------------------------------------------

@@ -127,6 +127,7 @@ class FedstreamStack(Stack):
             mode=config.mode,
             key=key,
             functions=self.functions.functions,
+            stream_consumers=self.functions.stream_consumers,
             log_groups=log_groups,
             dead_letter_queues=self.messaging.dead_letter_queues,
             updates_table=self.storage.updates_table,

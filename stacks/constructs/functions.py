@@ -89,6 +89,8 @@ class Functions(Construct):
         self._log_retention = log_retention
         self._removal_policy = removal_policy
         self.functions: dict[str, lambda_.Function] = {}
+        # The functions the updates table's stream feeds (their IteratorAge says if they keep up).
+        self.stream_consumers: dict[str, lambda_.Function] = {}
         if mode == "sync":
             assert finalize_queue is not None and state_machine is not None
             aggregate = self._function(
@@ -256,6 +258,7 @@ class Functions(Construct):
     def _from_updates_stream(
         self, function: lambda_.Function, batch_size: int, *, parallelization_factor: int | None = None
     ) -> None:
+        self.stream_consumers[function.node.id] = function
         function.add_event_source(
             sources.DynamoEventSource(
                 self._updates_table,
@@ -263,6 +266,9 @@ class Functions(Construct):
                 batch_size=batch_size,
                 bisect_batch_on_error=True,
                 retry_attempts=constants.STREAM_RETRY_ATTEMPTS,
+                # A record older than this goes to the failure queue (counted, alarmed) instead of
+                # being retried until the stream drops it silently after 24 h.
+                max_record_age=Duration.hours(constants.STREAM_MAX_RECORD_AGE_HOURS),
                 report_batch_item_failures=True,
                 on_failure=QueueDestination(self._stream_failures),
                 parallelization_factor=parallelization_factor,

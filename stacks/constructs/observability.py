@@ -50,6 +50,7 @@ class Observability(Construct):
         mode: str,
         key: kms.IKey,
         functions: Mapping[str, lambda_.Function],
+        stream_consumers: Mapping[str, lambda_.Function],
         log_groups: Sequence[logs.ILogGroup],
         dead_letter_queues: Mapping[str, sqs.IQueue],
         updates_table: dynamodb.ITable,
@@ -70,6 +71,10 @@ class Observability(Construct):
         if state_machine is not None:
             self._alarm_failed_executions(state_machine)
         self._alarm_no_updates(updates_table, stall_minutes)
+        for name, function in functions.items():
+            self._alarm_function_errors(name, function)
+        for name, function in stream_consumers.items():
+            self._alarm_iterator_age(name, function)
         self.dashboard = self._dashboard(functions, log_groups, dead_letter_queues, state_machine)
 
     # -- alarms --------------------------------------------------------------------------------
@@ -93,6 +98,47 @@ class Observability(Construct):
                 threshold=1,
                 evaluation_periods=1,
                 comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            ),
+        )
+
+    def _alarm_function_errors(self, name: str, function: lambda_.Function) -> None:
+        """Any invocation that raised (a batch the stream retries, a finalize request) or was throttled."""
+        for what, metric in (
+            ("Errors", function.metric_errors(period=Duration.minutes(1), statistic="Sum")),
+            ("Throttles", function.metric_throttles(period=Duration.minutes(1), statistic="Sum")),
+        ):
+            self._add_alarm(
+                f"{name}{what}",
+                cloudwatch.Alarm(
+                    self,
+                    f"{name}{what}",
+                    alarm_description=f"fedstream: the {name} function reported {what.lower()}",
+                    metric=metric,
+                    threshold=1,
+                    evaluation_periods=1,
+                    comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+                    treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+                ),
+            )
+
+    def _alarm_iterator_age(self, name: str, function: lambda_.Function) -> None:
+        """The stream function falls behind, or is stuck on a batch: records wait longer and longer."""
+        age = function.metric("IteratorAge", period=Duration.minutes(1), statistic="Maximum")
+        self._add_alarm(
+            f"{name}IteratorAge",
+            cloudwatch.Alarm(
+                self,
+                f"{name}IteratorAge",
+                alarm_description=(
+                    f"fedstream: the {name} function's newest stream record was over "
+                    f"{constants.ITERATOR_AGE_ALARM_SECONDS} s old for {constants.ITERATOR_AGE_PERIODS} "
+                    "minutes: it does not keep up with the updates, or is stuck"
+                ),
+                metric=age,
+                threshold=constants.ITERATOR_AGE_ALARM_SECONDS * 1000,  # the metric is in milliseconds
+                evaluation_periods=constants.ITERATOR_AGE_PERIODS,
+                comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
                 treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
             ),
         )

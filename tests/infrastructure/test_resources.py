@@ -275,6 +275,7 @@ def test_stream_mappings_report_item_failures_bisect_retry_boundedly_and_keep_fa
         assert mapping["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
         assert mapping["BisectBatchOnFunctionError"] is True
         assert mapping["MaximumRetryAttempts"] == constants.STREAM_RETRY_ATTEMPTS
+        assert mapping["MaximumRecordAgeInSeconds"] == constants.STREAM_MAX_RECORD_AGE_HOURS * 3600
         assert mapping["DestinationConfig"] == {"OnFailure": {"Destination": failures}}
         assert mapping["StartingPosition"] == "TRIM_HORIZON"
         assert mapping["FilterCriteria"] == {"Filters": [{"Pattern": '{"eventName":["INSERT"]}'}]}
@@ -388,19 +389,40 @@ def alarms(synth: Synth) -> dict[str, dict[str, Any]]:
     }
 
 
-def test_alarms_cover_dead_letters_stalls_and_failed_runs(sync_synth: Synth, async_synth: Synth):
+def test_alarms_cover_dead_letters_stalls_failed_runs_function_errors_and_a_lagging_stream(
+    sync_synth: Synth, async_synth: Synth
+):
     assert set(alarms(sync_synth)) == {
         "DeadLettersNotEmpty-clients",
         "DeadLettersNotEmpty-stream-failures",
         "DeadLettersNotEmpty-finalize",
         "ExecutionFailed",
         "NoUpdates",
+        "AggregateErrors",
+        "AggregateThrottles",
+        "FinalizeErrors",
+        "FinalizeThrottles",
+        "AggregateIteratorAge",
     }
     assert set(alarms(async_synth)) == {
         "DeadLettersNotEmpty-clients",
         "DeadLettersNotEmpty-stream-failures",
         "NoUpdates",
+        "AsyncUpdateErrors",
+        "AsyncUpdateThrottles",
+        "AsyncUpdateIteratorAge",
     }
+    for synth, function in ((sync_synth, "Aggregate"), (async_synth, "AsyncUpdate")):
+        lagging = alarms(synth)[f"{function}IteratorAge"]
+        assert lagging["MetricName"] == "IteratorAge" and lagging["Namespace"] == "AWS/Lambda"
+        assert lagging["Statistic"] == "Maximum" and lagging["Period"] == 60
+        assert lagging["Threshold"] == constants.ITERATOR_AGE_ALARM_SECONDS * 1000
+        (dimension,) = lagging["Dimensions"]
+        assert dimension["Value"] == {
+            "Ref": logical_id(synth, "AWS::Lambda::Function", f"Functions/{function}/")
+        }
+        errors = alarms(synth)[f"{function}Errors"]
+        assert (errors["MetricName"], errors["Statistic"], errors["Threshold"]) == ("Errors", "Sum", 1)
     topic = {"Ref": logical_id(sync_synth, "AWS::SNS::Topic", "Observability/Alarms/")}
     for name, alarm in alarms(sync_synth).items():
         assert alarm["AlarmActions"] == [topic], name
