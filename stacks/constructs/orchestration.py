@@ -86,8 +86,10 @@ class Orchestration(Construct):
             state_machine_type=sfn.StateMachineType.STANDARD,
             role=self.role,
             tracing_enabled=True,
+            # Every event is logged (cdk-nag AwsSolutions-SF1) but without execution data: inputs and
+            # outputs carry the rounds' task tokens, which must not land in a log group.
             logs=sfn.LogOptions(
-                destination=self.log_group, level=sfn.LogLevel.ALL, include_execution_data=True
+                destination=self.log_group, level=sfn.LogLevel.ALL, include_execution_data=False
             ),
             removal_policy=removal_policy,
         )

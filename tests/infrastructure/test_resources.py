@@ -313,6 +313,8 @@ def test_state_machine_fills_the_placeholders_and_logs_and_traces(sync_synth: Sy
     placeholders = set(re.findall(r"\$\{(\w+)\}", machine["DefinitionString"]))
     assert placeholders == set(machine["DefinitionSubstitutions"])
     assert machine["LoggingConfiguration"]["Level"] == "ALL"
+    # no execution data: the states' inputs and outputs carry the rounds' task tokens
+    assert machine["LoggingConfiguration"]["IncludeExecutionData"] is False
     assert machine["TracingConfiguration"] == {"Enabled": True}
 
 
