@@ -158,15 +158,19 @@ class Functions(Construct):
                 actions=["s3:PutObject"],
                 resources=[self._bucket.arn_for_objects(prefix) for prefix in writable],
             ),
+            # What the Store calls on the run table: GetItem (run state, round), BatchGetItem (a round
+            # and an object marker at registration, the markers of an async batch), PutItem and
+            # UpdateItem (the verbs, and the items of a TransactWriteItems). The updates table is
+            # read only through its stream.
             iam.PolicyStatement(
                 sid="RunState",
-                actions=["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:Query"],
+                actions=[
+                    "dynamodb:GetItem",
+                    "dynamodb:BatchGetItem",
+                    "dynamodb:PutItem",
+                    "dynamodb:UpdateItem",
+                ],
                 resources=[self._run_table.table_arn],
-            ),
-            iam.PolicyStatement(
-                sid="ReadUpdateRecords",
-                actions=["dynamodb:GetItem"],
-                resources=[self._updates_table.table_arn],
             ),
         ]
 

@@ -465,3 +465,54 @@ def test_sync_outputs_the_run_input_with_the_aggregators_client_settings(
     }
     assert "StateMachineArn" in outputs
     assert "StateMachineArn" not in async_synth.json["Outputs"]
+
+
+STORE_DYNAMODB_CALLS = {  # boto3 call in fedstream/server/store.py -> the IAM action it needs
+    ".get_item(": "dynamodb:GetItem",
+    ".batch_get_item(": "dynamodb:BatchGetItem",
+    ".update_item(": "dynamodb:UpdateItem",
+    ".put_item(": "dynamodb:PutItem",
+    ".query(": "dynamodb:Query",
+    ".scan(": "dynamodb:Scan",
+}
+
+
+def role_actions(synth: Synth, function: str) -> set[str]:
+    """Every action the function's role's inline policies allow."""
+    fn = logical_id(synth, "AWS::Lambda::Function", f"Functions/{function}/")
+    role = synth.resources("AWS::Lambda::Function")[fn]["Properties"]["Role"]["Fn::GetAtt"][0]
+    actions: set[str] = set()
+    for policy in synth.resources("AWS::IAM::Policy").values():
+        if {"Ref": role} in policy["Properties"]["Roles"]:
+            for statement in policy["Properties"]["PolicyDocument"]["Statement"]:
+                found = statement["Action"]
+                actions |= set(found if isinstance(found, list) else [found])
+    return actions
+
+
+def test_stream_functions_may_call_on_dynamodb_exactly_what_the_store_calls(
+    sync_synth: Synth, async_synth: Synth
+):
+    import inspect
+
+    from fedstream.server import store
+
+    # Store methods the functions use (run_items_with_prefix is the local runtime's: a Query)
+    source = inspect.getsource(store.Store).replace(inspect.getsource(store.Store.run_items_with_prefix), "")
+    used = {action for call, action in STORE_DYNAMODB_CALLS.items() if call in source}
+    used |= {"dynamodb:PutItem", "dynamodb:UpdateItem"}  # the items of transact_write_items
+    assert ".transact_write_items(" in source
+    assert used == {"dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"}
+    stream_reads = {
+        "dynamodb:DescribeStream",
+        "dynamodb:GetRecords",
+        "dynamodb:GetShardIterator",
+        "dynamodb:ListStreams",
+    }
+    for synth, function in (
+        (sync_synth, "Aggregate"),
+        (sync_synth, "Finalize"),
+        (async_synth, "AsyncUpdate"),
+    ):
+        granted = {a for a in role_actions(synth, function) if a.startswith("dynamodb:")} - stream_reads
+        assert granted == used, function
