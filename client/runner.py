@@ -252,7 +252,6 @@ class FederatedClient:
             sha256=sha256_hex(data),
             num_examples=result.num_examples,
             metrics=metrics,
-            task_token=body.task_token,
         )
         self._put_record(record)
         self._delete(message)

@@ -85,7 +85,8 @@ class UpdateRecord(_Strict):
 
 
 class ModelReady(_Strict):
-    """ "global model ready": sent to every client queue when a version is published."""
+    """ "global model ready": sent to every client queue when a version is published. It carries no
+    task token: the round's token travels to the finalize function only (``RoundToken``)."""
 
     type: Literal["model_ready"] = "model_ready"
     run_id: Identifier
@@ -93,7 +94,6 @@ class ModelReady(_Strict):
     round: int | None = Field(default=None, ge=1)
     object_key: str
     sha256: Sha256
-    task_token: str | None = None
     client_settings: dict[str, float | int | str | bool] = Field(default_factory=dict)
     deadline_seconds: int | None = None
     # async: the updates ("{client_id}#{base_version}") the server consumed (applied, buffered or
@@ -106,6 +106,17 @@ class TrainingComplete(_Strict):
     run_id: Identifier
     reason: str = "done"
     final_version: int | None = None
+
+
+class RoundToken(_Strict):
+    """Sent by the state machine to the finalize queue (server-only) when a round opens: the token
+    the round's result is sent back with. No message a client can read carries it."""
+
+    type: Literal["round_token"] = "round_token"
+    run_id: Identifier
+    round: int = Field(ge=1)
+    version: int = Field(ge=0)
+    task_token: str = Field(min_length=1, max_length=2048)
 
 
 class FinalizeRequest(_Strict):

@@ -1,9 +1,9 @@
 """Sync mode, finalize queue.
 
-Two kinds of message arrive here: the state machine's "the round's deadline passed" (close the
-round with a quorum, or fail it), and, through this queue's subscription to the model topic, every
-"global model ready" the state machine published, whose task token is recorded on the round. So
-the server learns each round's token from the state machine itself, never from a client.
+Two kinds of message arrive here, both sent by the state machine only (the queue's policy denies
+anyone else): "the round's token" when a round opens (``RoundToken``: recorded on the round, so the
+aggregate handler can call back with it; clients never see a token), and "the round's deadline
+passed" (close the round with a quorum, or fail it).
 
 A finalize request is acted on only if it carries the id the state machine wrote on the round when
 its deadline passed, with the first task token seen with that id
@@ -23,15 +23,13 @@ from fedstream.handlers.aggregate import emit_round_closed
 from fedstream.handlers.observability import count_rejection, logger, metrics, tracer
 
 from fedstream.registry import default_registry
-from fedstream.schemas import FinalizeRequest, ModelReady, TrainingComplete
+from fedstream.schemas import FinalizeRequest, RoundToken
 from fedstream.server import finalize, sync
 from fedstream.server.store import store_for
 from fedstream.settings import HandlerSettings
 
 processor = BatchProcessor(event_type=EventType.SQS)
-_REQUEST = pydantic.TypeAdapter(
-    Annotated[FinalizeRequest | ModelReady | TrainingComplete, pydantic.Field(discriminator="type")]
-)
+_REQUEST = pydantic.TypeAdapter(Annotated[FinalizeRequest | RoundToken, pydantic.Field(discriminator="type")])
 
 
 @tracer.capture_method
@@ -46,15 +44,12 @@ def record_handler(record: SQSRecord) -> None:
         )
         return
     settings = HandlerSettings.from_env()
-    if isinstance(request, TrainingComplete):
-        return
     logger.append_keys(run_id=request.run_id, round=request.round, version=request.version)
-    if isinstance(request, ModelReady):
-        if request.round is not None and request.task_token:
-            recorded = sync.record_round_token(
-                store_for(settings), request.run_id, request.round, request.task_token
-            )
-            logger.info("round token recorded" if recorded else "round token already known")
+    if isinstance(request, RoundToken):
+        recorded = sync.record_round_token(
+            store_for(settings), request.run_id, request.round, request.task_token
+        )
+        logger.info("round token recorded" if recorded else "round token already known")
         return
     try:
         result = finalize.finalize_round(

@@ -415,16 +415,7 @@ def create_resources(aws: EmbeddedAWS, prefix: str, client_ids: list[str], mode:
         finalize_url = sqs.create_queue(
             QueueName=f"{prefix}-finalize", Attributes={"VisibilityTimeout": "5", "RedrivePolicy": redrive}
         )["QueueUrl"]
-        # The finalize function learns each round's task token from the topic, not from clients.
-        finalize_arn = sqs.get_queue_attributes(QueueUrl=finalize_url, AttributeNames=["QueueArn"])[
-            "Attributes"
-        ]["QueueArn"]
-        sns.subscribe(
-            TopicArn=topic_arn,
-            Protocol="sqs",
-            Endpoint=finalize_arn,
-            Attributes={"RawMessageDelivery": "true"},
-        )
+        # Server-only: the state machine sends each round's token and deadline here (no subscription).
         state_machine_arn = aws.client("stepfunctions").create_state_machine(
             name=f"{prefix}-rounds",
             definition=state_machine_definition(topic_arn, run_table, finalize_url),

@@ -19,9 +19,10 @@ class Messaging(Construct):
 
     ``topic``: "global model ready" / "training complete", fanned out to ``client_queues`` (raw
     delivery, so a client reads the JSON message itself). A client queue accepts messages from
-    this topic only. ``finalize_queue`` (sync mode only) carries the state machine's "the round's
-    deadline passed" to the finalize function. ``stream_failures`` receives the records the stream
-    handlers gave up on. Every queue and the topic are encrypted with the stack key, TLS only.
+    this topic only. ``finalize_queue`` (sync mode only, server-only) carries the state machine's
+    round token and "the round's deadline passed" to the finalize function. ``stream_failures``
+    receives the records the stream handlers gave up on. Every queue and the topic are encrypted
+    with the stack key, TLS only.
 
     Who may publish to the topic (``only_these_publish``) and send to the finalize queue
     (``only_these_request_finalize``) is known once the state machine's or the async function's
@@ -56,9 +57,8 @@ class Messaging(Construct):
                     max_receive_count=constants.FINALIZE_MAX_RECEIVE_COUNT, queue=self.finalize_dead_letters
                 ),
             )
-            # The finalize function learns each round's task token from the topic (as published by
-            # the state machine), so no client-supplied token is ever trusted.
-            self._subscribe("Finalize", self.finalize_queue)
+            # Server-only: the state machine sends each round's task token and deadline here; the
+            # queue is not subscribed to the model topic, so no client message carries a token.
         self.stream_failures = self._dead_letter_queue("StreamFailures")
         acknowledge(
             self.stream_failures,
@@ -167,24 +167,15 @@ def only_these_publish(
     )
 
 
-def only_these_request_finalize(queue: sqs.IQueue, topic: sns.ITopic, senders: Sequence[iam.IRole]) -> None:
-    """Deny ``sqs:SendMessage`` on the finalize queue to all but ``senders`` and the topic's delivery.
-
-    SNS delivers with no principal ARN and the topic as ``aws:SourceArn``; a direct caller has no
-    source ARN. Both conditions must hold to deny, so either one admits a message.
-    """
+def only_these_request_finalize(queue: sqs.IQueue, senders: Sequence[iam.IRole]) -> None:
+    """Deny ``sqs:SendMessage`` on the finalize queue to all but ``senders`` (the state machine)."""
     queue.add_to_resource_policy(
         iam.PolicyStatement(
-            sid="OnlyTheStateMachineAndTheTopicSend",
+            sid="OnlyTheStateMachineSends",
             effect=iam.Effect.DENY,
             principals=[iam.AnyPrincipal()],
             actions=["sqs:SendMessage"],
             resources=[queue.queue_arn],
-            conditions={
-                "ArnNotEquals": {
-                    "aws:PrincipalArn": [role.role_arn for role in senders],
-                    "aws:SourceArn": topic.topic_arn,
-                }
-            },
+            conditions={"ArnNotEquals": {"aws:PrincipalArn": [role.role_arn for role in senders]}},
         )
     )

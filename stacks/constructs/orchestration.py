@@ -72,7 +72,7 @@ class Orchestration(Construct):
         add_statement(self.role, encryption.use_via("dynamodb", "sns", "sqs"))
         # In sync mode this role is the only publisher, and the only direct sender of finalize requests.
         only_these_publish(topic, [self.role])
-        only_these_request_finalize(finalize_queue, topic, [self.role])
+        only_these_request_finalize(finalize_queue, [self.role])
         self.state_machine = sfn.StateMachine(
             self,
             "Rounds",

@@ -382,9 +382,7 @@ def client_model_is_pickle(ctx: CaseContext) -> str:
 
 
 def _model_ready(ctx: CaseContext, key: str, sha256: str) -> str:
-    return ModelReady(
-        run_id=ctx.run_id, version=0, round=1, object_key=key, sha256=sha256, task_token=SYNC_TOKEN
-    ).model_dump_json()
+    return ModelReady(run_id=ctx.run_id, version=0, round=1, object_key=key, sha256=sha256).model_dump_json()
 
 
 # ---- the corpus ---------------------------------------------------------------------------------

@@ -167,3 +167,47 @@ def test_dp_noise_around_fedprox_trains_clients_with_the_proximal_term_and_the_c
         settings = [e["settings"] for e in events if e.get("event") == "training"]
         assert len(settings) == 2
         assert all(s["proximal_mu"] == 0.05 and s["dp_clip_norm"] == 5.0 for s in settings)
+
+
+def test_no_message_a_client_can_read_carries_a_rounds_task_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedstream.client.runner import FederatedClient
+
+    from fedstream.server import sync
+
+    # GIVEN a spy on every message the clients receive, and on every token the server records
+    received: list[str] = []
+    tokens: list[str] = []
+    receive, record = FederatedClient._receive, sync.record_round_token
+
+    def spy_receive(self, wait_seconds):
+        messages = receive(self, wait_seconds)
+        received.extend(m["Body"] for m in messages)
+        return messages
+
+    def spy_record(store, run_id, round_number, token):
+        tokens.append(token)
+        return record(store, run_id, round_number, token)
+
+    monkeypatch.setattr(FederatedClient, "_receive", spy_receive)
+    monkeypatch.setattr(sync, "record_round_token", spy_record)
+
+    # WHEN a two-round sync run goes through the state machine (clients on threads, so the spy sees them)
+    config = LocalRunConfig(
+        clients=2,
+        rounds=2,
+        dataset="digits",
+        trainer="numpy",
+        out=tmp_path,
+        progress=False,
+        client_runtime="thread",
+    )
+    summary = run_local(config)
+
+    # THEN each round's token reached the server, and no client message named a token or held one
+    assert summary.status == "SUCCEEDED", summary.error
+    assert len(set(tokens)) == 2
+    assert len(received) >= 4  # two "model ready" and one "training complete" each, at least
+    assert not [body for body in received if "task_token" in body]
+    assert not [body for body in received for token in tokens if token in body]

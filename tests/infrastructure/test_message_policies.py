@@ -19,7 +19,7 @@ from tests.infrastructure.test_resources import logical_id
 # The roles that publish in each mode (by construct path), and the statements' sids.
 PUBLISHERS = {"sync": "Orchestration/Role/", "async": "Functions/AsyncUpdateRole/"}
 TOPIC_DENY = "OnlyTheServerPublishes"
-FINALIZE_DENY = "OnlyTheStateMachineAndTheTopicSend"
+FINALIZE_DENY = "OnlyTheStateMachineSends"
 
 
 def as_list(value: Any) -> list[Any]:
@@ -115,26 +115,21 @@ def test_the_topic_policy_stops_every_other_publisher(synth: Synth):
 # -- the finalize queue ------------------------------------------------------------------------
 
 
-def test_the_finalize_queue_denies_sends_but_the_state_machines_and_the_topics(sync_synth: Synth):
+def test_the_finalize_queue_denies_sends_but_the_state_machines(sync_synth: Synth):
     queue, statements = finalize_queue_statements(sync_synth)
     state_machine = role_arn(sync_synth, "Orchestration/Role/")
     (deny,) = [s for s in statements if s.get("Sid") == FINALIZE_DENY]
     assert deny == {
         "Action": "sqs:SendMessage",
-        "Condition": {
-            "ArnNotEquals": {
-                "aws:PrincipalArn": [state_machine],
-                "aws:SourceArn": topic_ref(sync_synth),
-            }
-        },
+        "Condition": {"ArnNotEquals": {"aws:PrincipalArn": [state_machine]}},
         "Effect": "Deny",
         "Principal": {"AWS": "*"},
         "Resource": {"Fn::GetAtt": [queue, "Arn"]},
         "Sid": FINALIZE_DENY,
     }
-    # the only allow is the topic's delivery; the only role that may send by its policy, the state machine's
-    allows = [s for s in statements if s["Effect"] == "Allow"]
-    assert [s["Sid"] for s in allows] == ["TheModelEventsTopicSends"]
+    # nothing is allowed by the queue (it is not subscribed to the model topic: no client message
+    # carries a token); the only role that may send by its policy is the state machine's
+    assert not [s for s in statements if s["Effect"] == "Allow"]
     assert roles_allowed(sync_synth, "sqs:SendMessage", {"Fn::GetAtt": [queue, "Arn"]}) == {
         state_machine["Fn::GetAtt"][0]
     }
@@ -147,7 +142,7 @@ def test_the_finalize_queue_deny_stops_every_other_sender(sync_synth: Synth):
     topic = topic_ref(sync_synth)
 
     assert not denies(deny, {"aws:PrincipalArn": state_machine})
-    assert not denies(deny, {"aws:SourceArn": topic})  # SNS delivering the model topic
+    assert denies(deny, {"aws:SourceArn": topic})  # not even the model topic
     assert denies(deny, {"aws:SourceArn": "arn:aws:sns:eu-west-1:123456789012:another-topic"})
     for role in ("Clients/site-a/", "Functions/AggregateRole/", "Functions/FinalizeRole/"):
         assert denies(deny, {"aws:PrincipalArn": role_arn(sync_synth, role)}), role
@@ -174,7 +169,7 @@ def test_the_state_machine_marks_the_deadline_before_it_asks_to_finalize(sync_sy
     assert opened["opened_at"] == {"S.$": "$$.State.EnteredTime"}
     assert opened["round_timeout"] == {"N.$": "States.JsonToString($.round_timeout)"}
     # the wait's timeout leads through a fresh id, written on the round, to the finalize request
-    (timeout,) = [c for c in states["PublishModelReady"]["Catch"] if c["ErrorEquals"] == ["States.Timeout"]]
+    (timeout,) = [c for c in states["WaitForRound"]["Catch"] if c["ErrorEquals"] == ["States.Timeout"]]
     assert timeout["Next"] == "NewFinalizeId"
     assert states["NewFinalizeId"]["Parameters"] == {"id.$": "States.UUID()"}
     assert states["NewFinalizeId"]["Next"] == "MarkDeadline"
@@ -185,3 +180,18 @@ def test_the_state_machine_marks_the_deadline_before_it_asks_to_finalize(sync_sy
     body = states["FinalizeRound"]["Parameters"]["MessageBody"]
     assert body["finalize_id.$"] == "$.finalize.id" and body["task_token.$"] == "$$.Task.Token"
     assert constants.STATE_MACHINE_DEFINITION.read_text() == machine["Properties"]["DefinitionString"]
+
+
+def test_the_rounds_task_token_goes_to_the_server_only_queue_never_to_the_topic(sync_synth: Synth):
+    (machine,) = sync_synth.resources("AWS::StepFunctions::StateMachine").values()
+    states = json.loads(machine["Properties"]["DefinitionString"])["States"]
+    for name, state in states.items():
+        if "sns:publish" in state.get("Resource", ""):
+            assert "waitForTaskToken" not in state["Resource"], name
+            assert "$$.Task.Token" not in json.dumps(state["Parameters"]), name
+    wait = states["WaitForRound"]
+    assert wait["Resource"] == "arn:aws:states:::sqs:sendMessage.waitForTaskToken"
+    assert wait["Parameters"]["QueueUrl"] == "${FinalizeQueueUrl}"
+    assert wait["Parameters"]["MessageBody"]["type"] == "round_token"
+    assert wait["Parameters"]["MessageBody"]["task_token.$"] == "$$.Task.Token"
+    assert states["PublishModelReady"]["Next"] == "WaitForRound"

@@ -155,8 +155,8 @@ def test_one_queue_per_client_with_a_dead_letter_queue_and_raw_delivery(synth: S
     dead_letters = logical_id(synth, "AWS::SQS::Queue", "Messaging/ClientDeadLetters/")
     topic = logical_id(synth, "AWS::SNS::Topic", "Messaging/ModelEvents/")
     subscriptions = synth.resources("AWS::SNS::Subscription")
-    # one per client, and in sync mode the finalize queue's, which learns each round's task token
-    assert len(subscriptions) == len(CLIENTS) + (1 if synth.mode == "sync" else 0)
+    # one per client, nothing else: the finalize queue is server-only (the state machine sends to it)
+    assert len(subscriptions) == len(CLIENTS)
     for client, queue_id in queues.items():
         queue = synth.resources("AWS::SQS::Queue")[queue_id]["Properties"]
         assert queue["RedrivePolicy"]["deadLetterTargetArn"] == {"Fn::GetAtt": [dead_letters, "Arn"]}, client
