@@ -7,7 +7,12 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMAND_MODULES = ("fedstream.offline", "fedstream.local.cli", "fedstream.client.cli")
+COMMAND_MODULES = (
+    "fedstream.offline",
+    "fedstream.local.cli",
+    "fedstream.client.cli",
+    "fedstream.client.export",
+)
 
 
 class CliError(Exception):

@@ -55,6 +55,41 @@ def test_keras_clients_train_a_model_over_two_rounds(tmp_path: Path) -> None:
     assert len(registered) == 4
     assert all({"run_id", "client_id", "round", "version"} <= e.keys() for e in registered)
 
+    # WHEN the final model is exported for serving
+    from fedstream.cli import main
+
+    export = tmp_path / "export"
+    args = [
+        "model",
+        "export",
+        str(tmp_path / "final_model.safetensors"),
+        "--dataset",
+        "digits",
+        "--out",
+        str(export),
+    ]
+    assert main(args) == 0
+
+    # THEN Keras loads it and it scores the test accuracy the run reported; the SavedModel serves
+    # the same logits; and the lineage names the run and the version
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    from fedstream.client.data import load_dataset
+
+    test = load_dataset("digits")
+    model = keras.models.load_model(export / "model.keras")
+    logits = np.asarray(model.predict(test.x_test, verbose=0))
+    assert float(np.mean(logits.argmax(axis=1) == test.y_test)) == pytest.approx(
+        summary.accuracies[-1], abs=1e-6
+    )
+    saved = tf.saved_model.load(str(export / "serving" / "fedstream" / "1"))  # it owns the variables
+    served = saved.serve(tf.constant(test.x_test[:16]))
+    np.testing.assert_allclose(np.asarray(served), logits[:16], rtol=1e-4, atol=1e-5)
+    lineage = json.loads((export / "lineage.json").read_text())
+    assert lineage["metadata"]["run_id"] == summary.run_id and lineage["metadata"]["version"] == "2"
+    assert (export / "model.safetensors").read_bytes() == (tmp_path / "final_model.safetensors").read_bytes()
+
 
 def test_a_straggler_misses_the_deadline_and_rounds_close_with_the_quorum(tmp_path: Path) -> None:
     # The straggler sleeps 13 s after each fit, so it misses round 1's 8 s deadline however fast the
