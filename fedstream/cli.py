@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import select
 import sys
 from collections.abc import Sequence
 
@@ -48,13 +50,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that went away (`| head`) shows here, not at interpreter exit
+        return code
+    except BrokenPipeError as exc:
+        if _stdout_reader_gone():
+            return _stdout_closed()
+        print(f"fedstream {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except (CliError, PluginError, Refused, FileNotFoundError, OSError) as exc:
         print(f"fedstream {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fedstream {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (a broken pipe elsewhere is a real error)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll() here, or no file descriptor behind stdout
+        return False
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``fedstream plugins list --json | head``): stop quietly.
+
+    Python's recipe: point stdout at devnull so the flush at exit cannot raise again, and exit as a
+    process killed by SIGPIPE would (128 + 13), without a traceback or an error line.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor behind stdout (e.g. captured): nothing to flush
+        pass
+    return 141
 
 
 if __name__ == "__main__":

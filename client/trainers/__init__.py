@@ -40,7 +40,7 @@ from fedstream.client.trainers.keras_trainer import (
     small_cnn,
 )
 from fedstream.client.trainers.numpy_trainer import NumpyTrainer
-from fedstream.client.trainers.user import USER_FUNCTION_PARAMETERS, load_user_trainer
+from fedstream.client.trainers.user import USER_FUNCTION_PARAMETERS, _resolve, load_user_trainer
 
 __all__ = [
     "DEFAULT_KERAS_LEARNING_RATES",
@@ -54,6 +54,7 @@ __all__ = [
     "Trainer",
     "TrainerSpecError",
     "build_trainer",
+    "check_trainer_spec",
     "clip_update",
     "default_model_for",
     "fit_rng",
@@ -63,6 +64,28 @@ __all__ = [
 ]
 
 TRAINER_KINDS = ("keras", "numpy", "instant[:PARAMS]", "module:function")
+
+
+def check_trainer_spec(kind: str) -> None:
+    """Raise :class:`TrainerSpecError` unless :func:`build_trainer` accepts ``kind``, without building it.
+
+    ``keras`` and ``numpy`` are accepted as they are (TensorFlow is not imported); ``instant[:N]`` needs
+    a whole number N >= 1; a ``module:function`` (or ``path/to/file.py:function``) spec is imported and
+    its function must exist and be callable — it is not called.
+    """
+    if kind in ("keras", "numpy"):
+        return
+    if kind == "instant" or kind.startswith("instant:"):
+        size = kind.partition(":")[2]
+        if kind.endswith(":") or (size and (not size.isdigit() or int(size) < 1)):
+            raise TrainerSpecError(
+                f"instant trainer size must be a whole number of parameters >= 1, got {size!r}"
+            )
+        return
+    if ":" in kind:
+        _resolve(kind)
+        return
+    raise TrainerSpecError(f"unknown trainer {kind!r}; choose one of {', '.join(TRAINER_KINDS)}")
 
 
 def build_trainer(

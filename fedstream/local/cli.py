@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,31 +50,65 @@ def parse_bounds(pairs: Sequence[str] | None, *, off: bool = False) -> Any:
         raise CliError(f"--bound: {problems}") from None
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show ``(default: ...)`` where a default says something (not for flags or unset options)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
+TRAINER_HELP = (
+    "keras | numpy | instant[:N] | module:function — the built-in Keras model for the dataset, "
+    "logistic regression without TensorFlow, a no-op trainer of N parameters (default 1000) for "
+    "load tests, or your own (module:function or path/to/file.py:function, importable from here)"
+)
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "local",
         help="run federated training on an embedded AWS (moto server) on this machine",
         description="Start a moto server, create the stack's resources, run the real handlers and "
         "state machine, start N client processes, and train.",
+        formatter_class=_HelpFormatter,
     )
-    parser.add_argument("--mode", choices=["sync", "async"], default="sync")
-    parser.add_argument("--aggregator", default="fedavg")
+    parser.add_argument(
+        "--mode", choices=["sync", "async"], default="sync", help="round-based or asynchronous"
+    )
+    parser.add_argument(
+        "--aggregator", default="fedavg", help="aggregator name (see `fedstream plugins list`)"
+    )
     parser.add_argument("--param", action="append", metavar="K=V", help="aggregator parameter (repeatable)")
-    parser.add_argument("--clients", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3, help="sync: at most this many rounds")
-    parser.add_argument("--updates", type=int, default=20, help="async: stop after this many applied updates")
+    parser.add_argument("--clients", type=int, default=3, help="number of clients (>= 1)")
+    parser.add_argument("--rounds", type=int, default=3, help="sync: at most this many rounds (>= 1)")
+    parser.add_argument(
+        "--updates", type=int, default=20, help="async: stop after this many applied updates (>= 1)"
+    )
     parser.add_argument("--max-seconds", type=float, default=0.0, help="async: wall-clock limit (0: none)")
-    parser.add_argument("--dataset", default="mnist-5k", choices=["mnist-5k", "digits", "fashion-mnist"])
-    parser.add_argument("--partition", default="iid", help="iid | dirichlet:ALPHA | shards:S")
-    parser.add_argument("--min-clients", type=int, help="quorum to close a round at its deadline")
+    parser.add_argument(
+        "--dataset",
+        default="mnist-5k",
+        choices=["mnist-5k", "digits", "fashion-mnist"],
+        help="the dataset the clients train on",
+    )
+    parser.add_argument(
+        "--partition", default="iid", help="iid | dirichlet:ALPHA (ALPHA > 0) | shards:S (S >= 1)"
+    )
+    parser.add_argument(
+        "--min-clients", type=int, help="quorum to close a round at its deadline (default: all clients)"
+    )
     parser.add_argument("--round-timeout", type=int, default=300, help="round deadline in seconds")
     parser.add_argument("--stragglers", type=_stragglers, metavar="K:FACTOR", help="slow K clients by FACTOR")
     parser.add_argument("--target-accuracy", type=float, help="stop once clients report this eval accuracy")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--trainer", default="keras", help="keras | numpy (logistic regression, no TF)")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--seed", type=int, default=0, help="seed for partitions, models and training (>= 0)")
+    parser.add_argument("--trainer", default="keras", help=TRAINER_HELP)
+    parser.add_argument("--epochs", type=int, default=1, help="local epochs per update")
+    parser.add_argument("--batch-size", type=int, default=32, help="local batch size")
+    parser.add_argument(
+        "--learning-rate", type=float, help="local learning rate (default: the trainer's own)"
+    )
     parser.add_argument(
         "--client-threads",
         action="store_true",
@@ -109,9 +144,123 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "optionally :examples=N, e.g. site-4=sign-flip:10:examples=1000000000",
     )
     parser.add_argument("--visibility-timeout", type=int, default=300, help="client message visibility (s)")
-    parser.add_argument("--out", type=Path, default=Path("runs/local"))
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/local"), help="directory for the run's logs, metrics and model"
+    )
     parser.add_argument("--no-progress", action="store_true", help="plain lines instead of a live table")
     parser.set_defaults(func=run)
+
+
+FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse a ``fedstream local`` argument that would fail the run later, as a one-line
+    :class:`~fedstream.cli.CliError` naming the option; nothing is started or created, and
+    TensorFlow is not imported (a ``module:function`` trainer's module is).
+    """
+    from fedstream.cli import CliError
+
+    for option, value, least in (
+        ("--clients", args.clients, 1),
+        ("--rounds", args.rounds, 1),
+        ("--updates", args.updates, 1),
+        ("--epochs", args.epochs, 1),
+        ("--batch-size", args.batch_size, 1),
+        ("--round-timeout", args.round_timeout, 1),
+        ("--visibility-timeout", args.visibility_timeout, 0),
+        ("--seed", args.seed, 0),
+    ):
+        if value < least:
+            raise CliError(f"{option} must be at least {least}, got {value}")
+    if args.min_clients is not None and not 1 <= args.min_clients <= args.clients:
+        raise CliError(
+            f"--min-clients must be between 1 and --clients ({args.clients}), got {args.min_clients}"
+        )
+    if not math.isfinite(args.max_seconds) or args.max_seconds < 0:
+        raise CliError(f"--max-seconds must be 0 (no limit) or more, got {args.max_seconds}")
+    if args.learning_rate is not None and not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+        raise CliError(f"--learning-rate must be a number > 0, got {args.learning_rate}")
+    if args.target_accuracy is not None and not 0 < args.target_accuracy <= 1:
+        raise CliError(f"--target-accuracy must be in (0, 1], got {args.target_accuracy}")
+    if args.stragglers is not None:
+        count, factor = args.stragglers
+        if not 0 <= count <= args.clients:
+            raise CliError(f"--stragglers: K must be between 0 and --clients ({args.clients}), got {count}")
+        if not (math.isfinite(factor) and factor > 0):
+            raise CliError(f"--stragglers: FACTOR must be a number > 0, got {factor}")
+    _check_partition(args.partition)
+    _check_dataset(args.dataset)
+    _check_trainer(args.trainer)
+    _check_out(args.out)
+
+
+def _check_partition(scheme: str) -> None:
+    from fedstream.cli import CliError
+    from fedstream.client.data import parse_scheme
+
+    try:
+        parse_scheme(scheme)
+    except ValueError as exc:
+        raise CliError(f"--partition: {exc}") from None
+
+
+def _check_dataset(name: str) -> None:
+    from fedstream.cli import CliError
+    from fedstream.client import data
+
+    if name not in data.DATASETS:
+        raise CliError(f"--dataset: unknown dataset {name!r}; choose one of {', '.join(data.DATASETS)}")
+    if name == "fashion-mnist":
+        directory = data.FASHION_MNIST_DIR
+        for stem in FASHION_MNIST_FILES:
+            if not any(directory.glob(f"{stem}*")):
+                raise CliError(
+                    f"--dataset fashion-mnist: no {stem}[.gz] in {directory}; install the data with "
+                    "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu), "
+                    "or choose 'mnist-5k' or 'digits'"
+                )
+
+
+def _check_trainer(spec: str) -> None:
+    from fedstream.cli import CliError
+    from fedstream.client.trainers import check_trainer_spec
+
+    try:
+        check_trainer_spec(spec)
+    except ValueError as exc:
+        raise CliError(f"--trainer: {_one_line(exc)}") from None
+    except Exception as exc:  # the user's module failed to import: say so in one line, no traceback
+        raise CliError(
+            f"--trainer {spec}: importing it failed: {type(exc).__name__}: {_one_line(exc)}"
+        ) from None
+
+
+def _check_out(out: Path) -> None:
+    from fedstream.cli import CliError
+
+    if out.exists():
+        if not out.is_dir():
+            raise CliError(f"--out {out}: exists and is not a directory")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise CliError(f"--out {out}: directory is not writable")
+        return
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CliError(f"--out {out}: cannot create it, {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CliError(f"--out {out}: cannot create it, {parent} is not writable")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -120,13 +269,8 @@ def run(args: argparse.Namespace) -> int:
     from fedstream.local.attack import AttackSpecError, parse_attackers
     from fedstream.local.run import LocalRunConfig, run_local
 
-    if args.clients < 1:
-        raise CliError("--clients must be at least 1")
-    if args.min_clients is not None and not 1 <= args.min_clients <= args.clients:
-        raise CliError(f"--min-clients must be between 1 and --clients ({args.clients})")
+    check_arguments(args)
     stragglers, factor = args.stragglers or (0, 1.0)
-    if stragglers > args.clients:
-        raise CliError("--stragglers cannot slow more clients than there are")
     bounds = parse_bounds(args.bound, off=args.no_bounds)
     try:
         attackers = parse_attackers(args.attack)
