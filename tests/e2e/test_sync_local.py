@@ -176,35 +176,7 @@ def test_async_runs_update_the_model_per_record_and_their_counts_add_up(
     assert metrics["counts"] == counts and metrics["config"]["mode"] == "async"
 
 
-def test_dp_noise_around_fedprox_trains_clients_with_the_proximal_term_and_the_clip_norm(
-    tmp_path: Path,
-) -> None:
-    # GIVEN dp-noise wrapped around fedprox, chosen as a user would on the command line
-    config = LocalRunConfig(
-        aggregator="dp-noise",
-        params={"clip_norm": "5", "noise_multiplier": "0", "inner": "fedprox", "inner.mu": "0.05"},
-        clients=2,
-        rounds=2,
-        dataset="digits",
-        trainer="numpy",
-        out=tmp_path,
-        progress=False,
-        client_runtime="thread",
-    )
-
-    # WHEN the run goes through the state machine and the handlers
-    summary = run_local(config)
-
-    # THEN every client trained every round with FedProx's mu and the DP clip norm
-    assert summary.status == "SUCCEEDED", summary.error
-    for client in ("site-1", "site-2"):
-        events = json_lines((tmp_path / "clients" / f"{client}.log").read_text())
-        settings = [e["settings"] for e in events if e.get("event") == "training"]
-        assert len(settings) == 2
-        assert all(s["proximal_mu"] == 0.05 and s["dp_clip_norm"] == 5.0 for s in settings)
-
-
-def test_no_message_a_client_can_read_carries_a_rounds_task_token(
+def test_clients_get_the_inner_aggregators_settings_and_never_a_rounds_task_token(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from fedstream.client.runner import FederatedClient
@@ -228,8 +200,11 @@ def test_no_message_a_client_can_read_carries_a_rounds_task_token(
     monkeypatch.setattr(FederatedClient, "_receive", spy_receive)
     monkeypatch.setattr(sync, "record_round_token", spy_record)
 
-    # WHEN a two-round sync run goes through the state machine (clients on threads, so the spy sees them)
+    # WHEN a two-round sync run of dp-noise wrapped around fedprox, chosen as a user would on the
+    # command line, goes through the state machine (clients on threads, so the spy sees them)
     config = LocalRunConfig(
+        aggregator="dp-noise",
+        params={"clip_norm": "5", "noise_multiplier": "0", "inner": "fedprox", "inner.mu": "0.05"},
         clients=2,
         rounds=2,
         dataset="digits",
@@ -240,8 +215,14 @@ def test_no_message_a_client_can_read_carries_a_rounds_task_token(
     )
     summary = run_local(config)
 
-    # THEN each round's token reached the server, and no client message named a token or held one
+    # THEN every client trained every round with FedProx's mu and the DP clip norm
     assert summary.status == "SUCCEEDED", summary.error
+    for client in ("site-1", "site-2"):
+        events = json_lines((tmp_path / "clients" / f"{client}.log").read_text())
+        settings = [e["settings"] for e in events if e.get("event") == "training"]
+        assert len(settings) == 2
+        assert all(s["proximal_mu"] == 0.05 and s["dp_clip_norm"] == 5.0 for s in settings)
+    # and each round's token reached the server while no client message named a token or held one
     assert len(set(tokens)) == 2
     assert len(received) >= 4  # two "model ready" and one "training complete" each, at least
     assert not [body for body in received if "task_token" in body]
