@@ -19,6 +19,7 @@ from fedstream.aggregation import (
     AggregatorState,
     AsyncResult,
     ClientUpdate,
+    MetricsMean,
     RoundContext,
     RoundResult,
 )
@@ -87,12 +88,19 @@ def sync_round(
 ) -> RoundResult:
     """One round: ``begin`` (with the previous round's state in ``context``), each admitted update
     in turn (``updates`` may download lazily: one in memory at a time), ``finish``. ``nothing()`` is
-    raised when no update came."""
+    raised when no update came.
+
+    The round's metrics always hold the example-weighted means of what the clients reported
+    (``train_loss``, ``eval_accuracy``, ...) and the counts, whatever the plugin returns: the run's
+    target accuracy does not depend on each plugin remembering to average them. A metric the plugin
+    returns itself takes precedence."""
     aggregator.begin(global_weights, context)
-    taken = 0
+    reported = MetricsMean()
     for update in updates:
         aggregator.accept(update)
-        taken += 1
-    if not taken:
+        reported.add(update.metrics, update.num_examples)
+    if not reported.num_clients:
         raise nothing()
-    return aggregator.finish()
+    result = aggregator.finish()
+    result.metrics = {**reported.result(), **result.metrics}
+    return result

@@ -227,3 +227,37 @@ def test_clients_get_the_inner_aggregators_settings_and_never_a_rounds_task_toke
     assert len(received) >= 4  # two "model ready" and one "training complete" each, at least
     assert not [body for body in received if "task_token" in body]
     assert not [body for body in received for token in tokens if token in body]
+
+
+def test_the_readme_plugin_stops_the_run_at_its_target_accuracy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.plugins.test_readme_example import readme_plugin
+
+    # GIVEN the README's half-step plugin (its finish returns metrics={}) as a drop-in
+    folder = tmp_path / "my_plugins"
+    folder.mkdir()
+    (folder / "half_step.py").write_text(readme_plugin())
+    monkeypatch.setenv("FEDSTREAM_PLUGIN_PATH", str(folder))
+    monkeypatch.setattr("fedstream.registry._default_registry", None)
+
+    # WHEN a run of up to 6 rounds asks for a client-reported accuracy of 0.5
+    config = LocalRunConfig(
+        aggregator="half-step",
+        clients=2,
+        rounds=6,
+        target_accuracy=0.5,
+        dataset="digits",
+        trainer="numpy",
+        out=tmp_path / "run",
+        progress=False,
+        client_runtime="thread",
+    )
+    summary = run_local(config)
+
+    # THEN the host's mean of the clients' eval accuracy reached the state machine: the run stopped
+    # at the first round that met the target, before the sixth
+    assert summary.status == "SUCCEEDED", summary.error
+    reached = [r.eval_accuracy_clients for r in summary.rounds]
+    assert len(reached) < 6 and reached[-1] is not None and reached[-1] >= 0.5
+    assert all(a is not None and a < 0.5 for a in reached[:-1])

@@ -99,3 +99,27 @@ def test_a_round_takes_each_admitted_update_once_and_says_when_none_came():
             iter(()),
             nothing=lambda: AggregationError("no_updates", "nothing came"),
         )
+
+
+def test_a_rounds_metrics_hold_the_clients_reported_means_even_if_the_plugin_returns_none():
+    from fedstream.aggregation import Aggregator, ClientUpdate, RoundContext, RoundResult
+
+    class Bare(Aggregator):  # like the README's plugin: metrics={}
+        def begin(self, global_weights, context):
+            self.base = global_weights
+
+        def accept(self, update):
+            pass
+
+        def finish(self):
+            return RoundResult(self.base, metrics={"own": 1.0, "eval_accuracy": 0.99})
+
+    updates = [
+        ClientUpdate("a", BASE, 10, {"eval_accuracy": 0.5, "train_loss": 2.0}),
+        ClientUpdate("b", BASE, 30, {"eval_accuracy": 0.9, "train_loss": 1.0}),
+    ]
+    plain = sync_round(Bare(), BASE, RoundContext(round=1), iter(updates), nothing=AssertionError)
+    assert plain.metrics["train_loss"] == pytest.approx(1.25)  # (2*10 + 1*30) / 40
+    assert plain.metrics["num_clients"] == 2 and plain.metrics["num_examples"] == 40
+    # what the plugin says itself wins
+    assert plain.metrics["own"] == 1.0 and plain.metrics["eval_accuracy"] == 0.99
