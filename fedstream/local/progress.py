@@ -14,6 +14,9 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 
 class Progress:
+    # What a run writes into --out, besides one log per client in clients/.
+    OUTPUT_FILES = ("metrics.json", "metrics.csv", "accuracy.png", "final_model.safetensors", "logs.jsonl")
+
     def __init__(self, stream: IO[str], config: Any, client_ids: list[str], enabled: bool = True) -> None:
         self.console = Console(file=stream)
         self.config = config
@@ -99,4 +102,5 @@ class Progress:
             self.console.print(f"[red]{summary.error}[/red]")
         if summary.rejected:
             self.console.print(f"updates rejected: {summary.rejected}")
-        self.console.print(f"outputs in {summary.out}/ (metrics.json, metrics.csv, accuracy.png, logs.jsonl)")
+        written = [name for name in self.OUTPUT_FILES if (summary.out / name).exists()]
+        self.console.print(f"outputs in {summary.out}/ ({', '.join(written)}, clients/)")

@@ -191,9 +191,14 @@ def run_local(config: LocalRunConfig) -> RunSummary:
         raise CliError("kill: and hang: faults need process clients (client_runtime='process')")
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
-    (out / "clients").mkdir(exist_ok=True)
-    for stale in ("logs.jsonl",):
+    # A run's outputs replace a previous run's in the same --out (nothing else there is touched):
+    # no client log or model of another run is left to mix with this one's.
+    for stale in Progress.OUTPUT_FILES:
         (out / stale).unlink(missing_ok=True)
+    if (out / "clients").is_dir():
+        for log in (out / "clients").glob("*.log"):
+            log.unlink()
+    (out / "clients").mkdir(exist_ok=True)
     run_id = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     min_clients = config.min_clients or config.clients
 
