@@ -34,25 +34,40 @@ class Progress:
                 f"{config.rounds} rounds · {config.dataset}"
             )
 
+    SYNC_COLUMNS = ("round", "clients", "duration s", "train loss", "test accuracy", "epsilon", "closed")
+    # async: no rounds and no execution: each evaluated version, the updates applied up to it, the
+    # clients' last reported loss, and when it was committed (staleness per version is computed from
+    # the update markers at the end: metrics.json and accuracy.png)
+    ASYNC_COLUMNS = ("version", "applied", "train loss", "test accuracy", "epsilon", "elapsed s")
+
     def _render(self) -> Table:
+        sync = self.config.mode == "sync"
         table = Table(
             title=f"fedstream local · {self.config.mode} · {self.config.aggregator} · {self.config.dataset}",
-            caption=f"execution {self.status}",
+            caption=f"execution {self.status}" if sync else f"run {self.status.lower()}",
         )
-        sync = self.config.mode == "sync"
-        first, count = ("round", "clients") if sync else ("version", "applied")
-        for column in (first, count, "duration s", "train loss", "test accuracy", "epsilon", ""):
+        for column in self.SYNC_COLUMNS if sync else self.ASYNC_COLUMNS:
             table.add_column(column, justify="right")
         for row in self.rows:
-            table.add_row(
-                str(row.round if sync else row.version),
-                str(row.clients),
-                _fmt(row.duration_seconds, 1),
-                _fmt(row.train_loss),
-                _fmt(row.test_accuracy),
-                _fmt(row.epsilon, 2),
-                "deadline" if row.at_deadline else "",
-            )
+            if sync:
+                table.add_row(
+                    str(row.round),
+                    str(row.clients),
+                    _fmt(row.duration_seconds, 1),
+                    _fmt(row.train_loss),
+                    _fmt(row.test_accuracy),
+                    _fmt(row.epsilon, 2),
+                    "at deadline" if row.at_deadline else "complete",
+                )
+            else:
+                table.add_row(
+                    str(row.version),
+                    str(row.clients),
+                    _fmt(row.train_loss),
+                    _fmt(row.test_accuracy),
+                    _fmt(row.epsilon, 2),
+                    _fmt(row.elapsed_seconds, 1),
+                )
         if self.current and self.current.get("status") in ("open", "aggregating"):
             table.add_row(
                 str(self.current.get("round")),
