@@ -90,5 +90,24 @@ def _stdout_closed() -> int:
     return 141
 
 
+def entry() -> None:
+    """The ``fedstream`` script: :func:`main`, then exit at once.
+
+    A normal interpreter exit tears down what the command imported: 1.5 to 2 s for TensorFlow
+    (measured here), most of the time a Ctrl-C'd ``fedstream local`` took to stop. Once the command
+    has returned nothing of ours is left to clean up (files are closed by their ``with`` blocks,
+    child processes are stopped): flush the logs and the standard streams, and leave.
+    """
+    import contextlib
+    import logging
+
+    code = main()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more can be written
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

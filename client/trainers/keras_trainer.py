@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from fedstream.client.data import ClientData
+from fedstream.client.quiet import import_tensorflow
 from fedstream.client.trainers.base import FitResult, _check_names, _finish, fit_rng
 
 from fedstream.aggregation import Scalar
@@ -29,6 +30,7 @@ EVAL_BATCH_SIZE = 256
 
 def small_cnn(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
     """Conv(8, 3x3) → max-pool → dense logits; about 13.5k parameters on 28x28 images."""
+    import_tensorflow()  # its start-up lines go to the debug log
     import keras
 
     inputs = keras.Input(shape=input_shape)
@@ -42,6 +44,7 @@ def small_cnn(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
 
 def mlp(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
     """Flatten → Dense(32, relu) → dense logits; about 2.4k parameters on 8x8 digits."""
+    import_tensorflow()  # its start-up lines go to the debug log
     import keras
 
     inputs = keras.Input(shape=input_shape)
@@ -80,6 +83,7 @@ class KerasTrainer:
         seed: int = 0,
         from_logits: bool = True,
     ) -> None:
+        import_tensorflow()  # its start-up lines go to the debug log
         import keras
 
         self.data = data
@@ -237,6 +241,7 @@ def _build_seeded(
     """
     import random
 
+    import_tensorflow()  # its start-up lines go to the debug log
     import keras
 
     try:

@@ -148,6 +148,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--out", type=Path, default=Path("runs/local"), help="directory for the run's logs, metrics and model"
     )
     parser.add_argument("--no-progress", action="store_true", help="plain lines instead of a live table")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="let the libraries speak: TensorFlow's start-up lines, moto's messages, botocore's logs",
+    )
     parser.set_defaults(func=run)
 
 
@@ -264,7 +270,11 @@ def _one_line(exc: BaseException) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fedstream.client.quiet import VERBOSE_ENV
+
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # the clients inherit it
     from fedstream.cli import CliError, parse_params
     from fedstream.local.attack import AttackSpecError, parse_attackers
     from fedstream.local.run import LocalRunConfig, run_local
@@ -303,6 +313,7 @@ def run(args: argparse.Namespace) -> int:
         faults=tuple(args.fault),
         bounds=bounds,
         attackers=attackers,
+        verbose=args.verbose,
     )
     summary = run_local(config)
-    return 0 if summary.status == "SUCCEEDED" else 1
+    return {"SUCCEEDED": 0, "INTERRUPTED": 130}.get(summary.status, 1)

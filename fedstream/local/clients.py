@@ -33,8 +33,10 @@ class ProcessClient:
 
     def start(self) -> None:
         with self.log_path.open("ab") as log_file:
+            # A process group of its own: a Ctrl-C at the terminal reaches `fedstream local` only,
+            # which stops its clients in order (the client's own Ctrl-C handling is for a silo's shell).
             self.process = subprocess.Popen(
-                self.command, stdout=log_file, stderr=subprocess.STDOUT, env=self.env
+                self.command, stdout=log_file, stderr=subprocess.STDOUT, env=self.env, process_group=0
             )
 
     def events(self) -> list[dict[str, Any]]:
@@ -175,8 +177,9 @@ def stop_clients(clients: dict[str, Client], timeout: float, grace: float = 10.0
     never started are fine (their code is None). Safe to call again: stopped clients return at once.
     """
     deadline = time.monotonic() + timeout
-    for client in clients.values():
-        client.wait(deadline)
+    if timeout > 0:
+        for client in clients.values():
+            client.wait(deadline)
     running = [client for client in clients.values() if client.returncode is None]
     for client in running:
         client.request_stop()

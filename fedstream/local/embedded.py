@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -231,7 +232,8 @@ def main() -> None:
     # Nobody reads this pipe any more: a full one would block the server.
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
-    sys.stdin.read()
+    with contextlib.suppress(KeyboardInterrupt):  # started by hand and stopped with Ctrl-C
+        sys.stdin.read()
     server.stop()
 
 
@@ -241,10 +243,15 @@ class EmbeddedAWS:
     A separate process is what the handlers and clients would talk to in the cloud: a service
     over HTTP that does not share their interpreter (nor its lock) and whose state they cannot
     touch. ``in_process=True`` runs the server on a thread of this process instead.
+
+    The server process has a process group of its own, so a Ctrl-C at the terminal reaches only
+    whoever started it, which then stops it (closing its stdin). Its stderr (moto's own messages)
+    goes to ``log_path`` if given.
     """
 
-    def __init__(self, in_process: bool = False) -> None:
+    def __init__(self, in_process: bool = False, log_path: os.PathLike[str] | str | None = None) -> None:
         self.in_process = in_process
+        self.log_path = log_path
         self._server: Any = None
         self._process: subprocess.Popen[str] | None = None
         self.port = 0
@@ -268,16 +275,20 @@ class EmbeddedAWS:
         if self.in_process:
             self._server, self.port = serve_in_this_process()
         else:
-            self._process = subprocess.Popen(
-                [sys.executable, "-m", "fedstream.local.embedded"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
+            with contextlib.ExitStack() as files:
+                stderr = None if self.log_path is None else files.enter_context(open(self.log_path, "ab"))
+                self._process = subprocess.Popen(
+                    [sys.executable, "-m", "fedstream.local.embedded"],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=stderr,
+                    text=True,
+                    process_group=0,
+                )
             assert self._process.stdout is not None
             line = self._process.stdout.readline()
             if not line.strip().isdigit():
-                self._stop_process(timeout=0)
+                self._stop_process()
                 raise RuntimeError(f"the embedded AWS did not start (it printed {line!r})")
             self.port = int(line)
         self.endpoint = f"http://127.0.0.1:{self.port}"
@@ -293,19 +304,24 @@ class EmbeddedAWS:
             self._server.stop()
             self._server = None
         if self._process is not None:
-            self._stop_process(timeout=10)
+            self._stop_process()
         self._restore_environment()
 
-    def _stop_process(self, timeout: float) -> None:
+    def kill(self) -> None:
+        """SIGKILL the server process, without waiting (for an exit that cannot wait)."""
+        if self._process is not None:
+            with contextlib.suppress(OSError):
+                self._process.kill()
+
+    def _stop_process(self) -> None:
+        """Stop the server process now. It holds nothing worth waiting for (a graceful stop takes
+        about a second: werkzeug's shutdown poll and the interpreter's exit), so it is killed."""
         process, self._process = self._process, None
         assert process is not None
         assert process.stdin is not None and process.stdout is not None
-        process.stdin.close()  # the server's signal to stop
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        process.stdin.close()
+        process.kill()
+        process.wait()
         process.stdout.close()
 
     def _restore_environment(self) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 
@@ -42,3 +43,44 @@ def rejections_by_client(text: str) -> dict[str, dict[str, int]]:
             reason = str(entry["reason"])
             per_client[reason] = per_client.get(reason, 0) + 1
     return counts
+
+
+def rejection_events(
+    entries: Iterable[dict[str, Any]],
+) -> list[tuple[float, str, int]]:
+    """``(epoch seconds, reason, count)`` of each ``UpdatesRejected`` EMF line, in log order."""
+    events = []
+    for entry in entries:
+        if "_aws" in entry and "UpdatesRejected" in entry and "reason" in entry:
+            at = float(entry["_aws"].get("Timestamp", 0)) / 1000.0
+            events.append((at, str(entry["reason"]), int(metric_total(entry["UpdatesRejected"]))))
+    return events
+
+
+def staleness_values(entries: Iterable[dict[str, Any]]) -> list[float]:
+    """The ``Staleness`` of every update the async handler took (applied or buffered), in log order."""
+    values: list[float] = []
+    for entry in entries:
+        if "_aws" in entry and "Staleness" in entry:
+            value = entry["Staleness"]
+            values += [float(v) for v in value] if isinstance(value, list) else [float(value)]
+    return values
+
+
+class LogTail:
+    """The complete lines a growing JSON-lines file gained since the last read (the live view's feed)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+
+    def entries(self) -> list[dict[str, Any]]:
+        try:
+            with self.path.open("rb") as stream:
+                stream.seek(self._offset)
+                chunk = stream.read()
+        except FileNotFoundError:
+            return []
+        complete = chunk.rfind(b"\n") + 1  # a line still being written waits for the next read
+        self._offset += complete
+        return list(json_lines(chunk[:complete].decode(errors="replace")))

@@ -22,7 +22,14 @@ from typing import IO, Any
 from fedstream import faults, keys
 from fedstream.bounds import InfluenceBounds
 from fedstream.cli import CliError
-from fedstream.local.clients import Client, ThreadClient, process_client, stop_clients, wait_until_ready
+from fedstream.local.clients import (
+    Client,
+    ProcessClient,
+    ThreadClient,
+    process_client,
+    stop_clients,
+    wait_until_ready,
+)
 from fedstream.local.embedded import EmbeddedAWS, Resources, create_resources
 from fedstream.local.faults import ClientFaults, FaultPlan, ServiceFaults
 from fedstream.local.pollers import Poller, QueuePoller, StreamPoller
@@ -70,6 +77,9 @@ class LocalRunConfig:
     bounds: InfluenceBounds = field(default_factory=InfluenceBounds)
     # client id -> attack spec (fedstream.local.attack), e.g. {"site-4": "sign-flip:10"}
     attackers: dict[str, str] = field(default_factory=dict)
+    run_id: str | None = None  # None: a new one, run-YYYYmmdd-HHMMSS-xxxxxx
+    # the libraries' own output (moto, botocore, TensorFlow's start-up lines) on the terminal
+    verbose: bool = False
 
 
 @dataclass
@@ -93,6 +103,9 @@ class RoundRow:
     stream_wait_p50: float | None = None
     stream_wait_max: float | None = None
     in_flight_max: int | None = None
+    # async: updates rejected up to this version, by reason; updates waiting in the buffer at it
+    rejected: dict[str, int] = field(default_factory=dict)
+    buffered: int | None = None
 
 
 @dataclass
@@ -135,12 +148,10 @@ class _Evaluator:
             self.trainer: Any = NumpyTrainer(data, seed=config.seed)
         elif config.trainer == "keras":
             self.trainer = KerasTrainer(default_model_for(config.dataset), data, seed=config.seed)
-        elif config.trainer.split(":")[0] == "instant":
+        else:  # instant[:N] or the user's module:function, evaluating on all of the dataset
             from fedstream.client.trainers import build_trainer
 
             self.trainer = build_trainer(config.trainer, config.dataset, "iid", 1, 0, seed=config.seed)
-        else:
-            self.trainer = None
 
     def initial_weights(self) -> dict[str, Any]:
         return self.trainer.initial_weights()
@@ -166,10 +177,15 @@ def run_local(config: LocalRunConfig) -> RunSummary:
 
     Each resource (the embedded AWS, the stdout redirection, the handlers' environment, the store
     with the service-fault hooks, the pollers, the clients, the client faults, the fault points, the
-    live view) goes on an :class:`contextlib.ExitStack` as soon as it exists, so an error or Ctrl-C
-    at any point stops what was started, in reverse order. A run that ends (SUCCEEDED or FAILED)
-    shuts down in order first: the clients get ``client_timeout`` to finish, the pollers deliver
-    what is left, the outputs are read; then the stack unwinds the rest.
+    live view) goes on an :class:`contextlib.ExitStack` as soon as it exists, so an error at any
+    point stops what was started, in reverse order. A run that ends (SUCCEEDED or FAILED) shuts
+    down in order first: the clients get ``client_timeout`` to finish, the pollers deliver what is
+    left, the outputs are read; then the stack unwinds the rest.
+
+    Ctrl-C (or SIGTERM, SIGHUP) once the embedded AWS is up ends the run as ``INTERRUPTED``: the
+    execution is stopped (async: the run is ended), the clients get 2 s to stop before they are
+    killed, the pollers finish the invocation in hand, and the outputs are written with every
+    round or version measured so far. A second Ctrl-C kills what is left and exits at once.
     """
     from fedstream.local.progress import Progress
 
@@ -199,97 +215,154 @@ def run_local(config: LocalRunConfig) -> RunSummary:
         for log in (out / "clients").glob("*.log"):
             log.unlink()
     (out / "clients").mkdir(exist_ok=True)
-    run_id = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    run_id = config.run_id or new_run_id()
     min_clients = config.min_clients or config.clients
+    live = _Live()
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_quiet_loggers("moto", "werkzeug", "botocore", "urllib3"))
-        aws = stack.enter_context(EmbeddedAWS())  # also restores the AWS_*/MOTO_PORT variables it sets
+        if not config.verbose:
+            stack.enter_context(_quiet_loggers("moto", "werkzeug", "botocore", "urllib3"))
+        stack.enter_context(_termination_interrupts())
+        # moto's own messages go to aws.log (-v: the terminal); it restores the variables it sets
+        aws = stack.enter_context(EmbeddedAWS(log_path=None if config.verbose else out / "aws.log"))
         console_stream = stack.enter_context(_log_stream(out / "logs.jsonl"))
-        resources = create_resources(aws, f"fedstream-{run_id[-6:]}", client_ids, config.mode)
-        settings = HandlerSettings(
-            mode=config.mode,
-            bucket=resources.bucket,
-            run_table=resources.run_table,
-            updates_table=resources.updates_table,
-            topic_arn=resources.topic_arn,
-            aggregator=config.aggregator,
-            aggregator_params=config.params,
-            client_ids=tuple(client_ids),
-            min_clients=min_clients,
-            seed=config.seed,
-            bounds=config.bounds,
-        )
-        stack.enter_context(_environment(settings.to_env()))  # what the handlers read, as in Lambda
-        service_faults = ServiceFaults(plan)
-        handler_store = store_for(HandlerSettings.from_env())  # the Store the handlers will use
-        stack.callback(_forget_store, handler_store)  # and with it the fault hooks on its clients
-        service_faults.install({"s3": handler_store.s3, "dynamodb": handler_store.dynamodb.meta.client})
-        evaluator = _Evaluator(config)
-        initial = evaluator.initial_weights()
-        initial_accuracy = evaluator.evaluate(initial).get("eval_accuracy")
-        data = encode(initial, {"run_id": run_id, "version": "0", "creator": "fedstream local"})
-        if config.mode == "sync":  # async: start_run publishes version 0
-            aws.client("s3").put_object(Bucket=resources.bucket, Key=keys.global_key(run_id, 0), Body=data)
-
-        pollers = _pollers(aws, resources, config.mode, redeliver_batches=plan.redeliver_batches)
-        for poller in pollers:
-            poller.start()
-            stack.callback(poller.stop)
-        clients: dict[str, Client] = {}
-        # On an error, whichever clients exist are stopped at once (SIGTERM, SIGKILL 2 s later).
-        stack.callback(stop_clients, clients, 0, 2.0)
-        _start_clients(aws, resources, config, client_ids, out, clients)
-        wait_until_ready(clients, timeout=config.startup_timeout)
-        client_faults = ClientFaults(plan, clients)
-        stack.callback(_stop_client_faults, client_faults)
-        client_faults.hang_now()
-        client_faults.start()
-        plan.arm_handler_points()
-        stack.callback(faults.disarm)
-        aggregator = registry.create(
-            config.aggregator, config.params, seed=config.seed, mode=config.mode, num_clients=config.clients
-        )
         progress = Progress(console_stream, config, client_ids, enabled=config.progress)
         close_progress = _once(progress.close)
         stack.callback(close_progress)
-        started, started_at = time.monotonic(), time.time()
+        clients: dict[str, Client] = {}
+        # On an error, whichever clients exist are stopped at once (SIGTERM, SIGKILL 2 s later).
+        stack.callback(stop_clients, clients, 0, 2.0)
+        pollers: list[Poller] = []
+        client_faults: ClientFaults | None = None
+        service_faults = ServiceFaults(plan)
+        settings: HandlerSettings | None = None
+        status: str | None = None
+        error: str | None = None
         counts: dict[str, int] = {}
-        if config.mode == "async":
-            status, error, rows, final_key, counts = _run_async(
-                aws, settings, run_id, data, config, aggregator, evaluator, progress, started_at
+        started, started_at = time.monotonic(), time.time()
+        try:
+            resources = create_resources(aws, f"fedstream-{run_id[-6:]}", client_ids, config.mode)
+            settings = HandlerSettings(
+                mode=config.mode,
+                bucket=resources.bucket,
+                run_table=resources.run_table,
+                updates_table=resources.updates_table,
+                topic_arn=resources.topic_arn,
+                aggregator=config.aggregator,
+                aggregator_params=config.params,
+                client_ids=tuple(client_ids),
+                min_clients=min_clients,
+                seed=config.seed,
+                bounds=config.bounds,
             )
-        else:
-            status, error, rows, final_key = _run_sync(
-                aws, resources, settings, run_id, data, config, aggregator, evaluator, progress, started_at
+            stack.enter_context(_environment(settings.to_env()))  # what the handlers read, as in Lambda
+            handler_store = store_for(HandlerSettings.from_env())  # the Store the handlers will use
+            stack.callback(_forget_store, handler_store)  # and with it the fault hooks on its clients
+            service_faults.install({"s3": handler_store.s3, "dynamodb": handler_store.dynamodb.meta.client})
+            evaluator = _Evaluator(config)
+            initial = evaluator.initial_weights()
+            live.initial_accuracy = evaluator.evaluate(initial).get("eval_accuracy")
+            data = encode(initial, {"run_id": run_id, "version": "0", "creator": "fedstream local"})
+            if config.mode == "sync":  # async: start_run publishes version 0
+                aws.client("s3").put_object(
+                    Bucket=resources.bucket, Key=keys.global_key(run_id, 0), Body=data
+                )
+
+            pollers += _pollers(aws, resources, config.mode, redeliver_batches=plan.redeliver_batches)
+            for poller in pollers:
+                poller.start()
+                stack.callback(poller.stop)
+            _start_clients(aws, resources, config, client_ids, out, clients)
+            wait_until_ready(clients, timeout=config.startup_timeout)
+            client_faults = ClientFaults(plan, clients)
+            stack.callback(_stop_client_faults, client_faults)
+            client_faults.hang_now()
+            client_faults.start()
+            plan.arm_handler_points()
+            stack.callback(faults.disarm)
+            aggregator = registry.create(
+                config.aggregator,
+                config.params,
+                seed=config.seed,
+                mode=config.mode,
+                num_clients=config.clients,
             )
-        # The run ended (an exception above unwinds the stack instead): an orderly shutdown.
-        _stop_client_faults(client_faults)
-        codes = stop_clients(clients, config.client_timeout if status == "SUCCEEDED" else 5)
-        for poller in pollers:
-            poller.drain(timeout=120.0)  # every record gets its verdict, up to a point
-            poller.stop()
-        injected = {**faults.fired(), **service_faults.injected, **dict.fromkeys(client_faults.done, 1)}
+            started, started_at = time.monotonic(), time.time()
+            progress.update(None, "RUNNING")
+            if config.mode == "async":
+                status, error, counts = _run_async(
+                    aws, settings, run_id, data, config, aggregator, evaluator, progress, started_at, live
+                )
+            else:
+                status, error = _run_sync(
+                    aws,
+                    resources,
+                    settings,
+                    run_id,
+                    data,
+                    config,
+                    aggregator,
+                    evaluator,
+                    progress,
+                    started_at,
+                    live,
+                )
+            # The run ended (an exception above unwinds the stack instead): an orderly shutdown.
+            _stop_client_faults(client_faults)
+            codes = stop_clients(clients, config.client_timeout if status == "SUCCEEDED" else 5)
+            for poller in pollers:
+                poller.drain(timeout=120.0)  # every record gets its verdict, up to a point
+                poller.stop()
+        except KeyboardInterrupt:
+            # Stop at once and keep what was measured; a second Ctrl-C exits without waiting.
+            stack.enter_context(_exit_on_second_interrupt(clients, aws))
+            close_progress()
+            print(
+                "fedstream local: interrupted; stopping the clients and writing the outputs "
+                "(Ctrl-C again to quit at once)",
+                file=sys.stderr,
+                flush=True,
+            )
+            if status is None:
+                status, error = "INTERRUPTED", "interrupted (Ctrl-C or a termination signal)"
+            if settings is not None:
+                _end_interrupted_run(aws, settings, run_id, live)
+            if client_faults is not None:
+                _stop_client_faults(client_faults)
+            codes = stop_clients(clients, 0, grace=1.0)
+            for poller in pollers:
+                poller.stop(timeout=10.0)  # the invocation in hand finishes; nothing new starts
+            if settings is not None and config.mode == "async":
+                with contextlib.suppress(Exception):
+                    _add_latest_version(Store(settings, aws.session()), run_id, evaluator, live, started_at)
+        rows = live.rows
+        injected = {**faults.fired(), **service_faults.injected}
+        if client_faults is not None:
+            injected.update(dict.fromkeys(client_faults.done, 1))
         faults.disarm()
         close_progress()
         async_summary: dict[str, Any] = {}
-        if config.mode == "async":  # records that arrived after the end are counted now
+        if config.mode == "async" and settings is not None:
             store = Store(settings, aws.session())
             state = store.run_state(run_id) or {}
-            counts = {name: int(state.get(name, 0)) for name in counts}
-            # Every published version, evaluated once the clients are gone (live, only some were).
-            rows = _every_version(store, run_id, evaluator, started_at) or rows
-            async_summary = _async_figures(store, run_id, rows)
+            counts = {name: int(state.get(name, 0)) for name in ASYNC_COUNTS}
+            if status != "INTERRUPTED":
+                # Every published version, evaluated once the clients are gone (live, only some were).
+                rows = _every_version(store, run_id, evaluator, started_at) or rows
+            async_summary = _async_figures(store, run_id, rows, out / "logs.jsonl")
         wall = time.monotonic() - started
         final_version = rows[-1].version if rows else 0
-        final = aws.client("s3").get_object(Bucket=resources.bucket, Key=final_key)
-        (out / "final_model.safetensors").write_bytes(final["Body"].read())
+        if settings is not None:
+            with contextlib.suppress(Exception):  # an interrupted run may not have written version 0
+                key = keys.global_key(run_id, final_version) if config.mode == "sync" else live.final_key
+                final = aws.client("s3").get_object(Bucket=settings.bucket, Key=key)
+                (out / "final_model.safetensors").write_bytes(final["Body"].read())
     summary = RunSummary(
         run_id=run_id,
         status=status,
         error=error,
         rounds=rows,
-        initial_accuracy=initial_accuracy,
+        initial_accuracy=live.initial_accuracy,
         final_version=final_version,
         wall_seconds=wall,
         rejected=_rejections(out / "logs.jsonl"),
@@ -304,6 +377,114 @@ def run_local(config: LocalRunConfig) -> RunSummary:
     _write_outputs(summary, config)
     progress.summary(summary)
     return summary
+
+
+ASYNC_COUNTS = ("received", "applied", "rejected", "buffered")
+
+
+def new_run_id() -> str:
+    return f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class _Live:
+    """What a run has started and measured so far: what an interrupted run stops and reports."""
+
+    rows: list[RoundRow] = field(default_factory=list)
+    initial_accuracy: float | None = None
+    execution_arn: str | None = None  # sync
+    final_key: str | None = None  # async: the newest global model's key
+
+
+@contextlib.contextmanager
+def _termination_interrupts() -> Iterator[None]:
+    """SIGTERM and SIGHUP end the run as Ctrl-C does (outputs kept), on the main thread only."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    before = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def _exit_on_second_interrupt(clients: dict[str, Client], aws: EmbeddedAWS) -> Iterator[None]:
+    """While an interrupted run shuts down, another Ctrl-C kills the clients and the embedded AWS
+    and exits with 130 at once (its outputs are not written)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_now(signum: int, frame: Any) -> None:
+        for client in clients.values():
+            if isinstance(client, ProcessClient) and client.process is not None:
+                with contextlib.suppress(OSError):
+                    client.process.kill()
+        aws.kill()
+        sys.__stderr__.write("\nfedstream local: interrupted again; stopped without writing the outputs\n")
+        sys.__stderr__.flush()
+        os._exit(130)
+
+    before = {signum: signal.signal(signum, exit_now) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
+def _end_interrupted_run(aws: EmbeddedAWS, settings: HandlerSettings, run_id: str, live: _Live) -> None:
+    """Stop the sync execution, or end the async run, so nothing goes on behind the outputs."""
+    from fedstream.server import asynchronous
+
+    with contextlib.suppress(Exception):  # whatever had not started yet needs no stopping
+        if live.execution_arn is not None:
+            aws.client("stepfunctions").stop_execution(
+                executionArn=live.execution_arn, error="Interrupted", cause="fedstream local was interrupted"
+            )
+        elif settings.mode == "async":
+            version = live.rows[-1].version if live.rows else 0
+            asynchronous.end_run(Store(settings, aws.session()), run_id, "interrupted", version)
+
+
+def _add_latest_version(
+    store: Store, run_id: str, evaluator: _Evaluator, live: _Live, started_at: float
+) -> None:
+    """An interrupted async run: a row for the newest version if the live view had not evaluated it."""
+    state = store.run_state(run_id) or {}
+    if "global_key" not in state:
+        return
+    live.final_key = str(state["global_key"])
+    version = int(state.get("version", 0))
+    if version == 0 or (live.rows and live.rows[-1].version >= version):
+        return
+    weights, _ = decode(store.get_bytes(live.final_key))
+    reported = json.loads(state.get("last_metrics") or "{}")
+    committed_at = float(state.get("version_at") or time.time())
+    live.rows.append(
+        _version_row(
+            len(live.rows) + 1,
+            version,
+            int(state.get("applied", 0)),
+            reported,
+            evaluator.evaluate(weights),
+            committed_at,
+            started_at,
+        )
+    )
 
 
 @contextlib.contextmanager
@@ -380,7 +561,8 @@ def _run_sync(
     evaluator: _Evaluator,
     progress: Any,
     started_at: float,
-) -> tuple[str, str | None, list[RoundRow], str]:
+    live: _Live,
+) -> tuple[str, str | None]:
     min_clients = config.min_clients or config.clients
     key0 = keys.global_key(run_id, 0)
     execution = aws.client("stepfunctions").start_execution(
@@ -400,8 +582,8 @@ def _run_sync(
             }
         ),
     )["executionArn"]
-    status, error, rows = _watch(aws, settings, execution, run_id, evaluator, progress, started_at)
-    return status, error, rows, keys.global_key(run_id, rows[-1].version if rows else 0)
+    live.execution_arn = execution
+    return _watch(aws, settings, execution, run_id, evaluator, progress, started_at, live.rows)
 
 
 def _run_async(
@@ -414,7 +596,8 @@ def _run_async(
     evaluator: _Evaluator,
     progress: Any,
     started_at: float,
-) -> tuple[str, str | None, list[RoundRow], str, dict[str, int]]:
+    live: _Live,
+) -> tuple[str, str | None, dict[str, int]]:
     from fedstream.server import asynchronous
 
     store = Store(settings, aws.session())
@@ -427,7 +610,13 @@ def _run_async(
         target_accuracy=config.target_accuracy,
         max_seconds=config.max_seconds,
     )
-    rows: list[RoundRow] = []
+    from fedstream.local.async_stats import percentiles
+    from fedstream.local.logs import LogTail, rejection_events, staleness_values
+
+    rows = live.rows
+    tail = LogTail(config.out / "logs.jsonl")  # the handlers' metric lines, as they are written
+    rejected: dict[str, int] = {}
+    staleness: list[float] = []  # of the updates taken since the last row
     seen, last_eval = 0, 0.0
     while True:
         state = store.run_state(run_id) or {}
@@ -437,12 +626,26 @@ def _run_async(
         if version != seen and (finished or time.monotonic() - last_eval >= 0.5):
             seen, last_eval = version, time.monotonic()
             committed_at = float(state.get("version_at") or time.time())
-            weights, _ = decode(store.get_bytes(str(state["global_key"])))
+            live.final_key = str(state["global_key"])
+            weights, _ = decode(store.get_bytes(live.final_key))
             test = evaluator.evaluate(weights)
             reported = json.loads(state.get("last_metrics") or "{}")
             applied = int(state.get("applied", 0))
-            rows.append(_version_row(len(rows) + 1, seen, applied, reported, test, committed_at, started_at))
-            progress.round_closed(rows[-1])
+            row = _version_row(len(rows) + 1, seen, applied, reported, test, committed_at, started_at)
+            entries = tail.entries()
+            for _, reason, count in rejection_events(entries):
+                rejected[reason] = rejected.get(reason, 0) + count
+            staleness += staleness_values(entries)
+            figures = percentiles(staleness)
+            row.staleness_p50, row.staleness_p95, row.staleness_max = (
+                figures["p50"],
+                figures["p95"],
+                figures["max"],
+            )
+            row.rejected, row.buffered = dict(rejected), int(state.get("buffered", 0))
+            staleness = []
+            rows.append(row)
+            progress.round_closed(row)
             continue
         progress.update(None, str(state.get("status")))
         if state.get("status") != "RUNNING":
@@ -450,8 +653,9 @@ def _run_async(
         if config.max_seconds and time.time() - started_at > config.max_seconds:
             asynchronous.end_run(store, run_id, "wall_clock", seen)
         time.sleep(0.3)
-    counts = {name: int(state.get(name, 0)) for name in ("received", "applied", "rejected", "buffered")}
-    return str(state["status"]), state.get("failure"), rows, str(state["global_key"]), counts
+    live.final_key = str(state["global_key"])
+    counts = {name: int(state.get(name, 0)) for name in ASYNC_COUNTS}
+    return str(state["status"]), state.get("failure"), counts
 
 
 def _pollers(
@@ -602,11 +806,11 @@ def _watch(
     evaluator: _Evaluator,
     progress: Any,
     started_at: float,
-) -> tuple[str, str | None, list[RoundRow]]:
-
+    rows: list[RoundRow],
+) -> tuple[str, str | None]:
+    """Follow the execution, adding a row to ``rows`` as each round closes."""
     sfn = aws.client("stepfunctions")
     store = Store(settings, aws.session())
-    rows: list[RoundRow] = []
     status = "RUNNING"
     while True:
         description = sfn.describe_execution(executionArn=execution_arn)
@@ -625,7 +829,7 @@ def _watch(
     if status != "SUCCEEDED":
         failed = store.round_item(run_id, len(rows) + 1) or {}
         error = failed.get("failure") or description.get("error") or status
-    return status, error, rows
+    return status, error
 
 
 def _round_row(
@@ -701,16 +905,26 @@ def _version_row(
     )
 
 
-def _async_figures(store: Store, run_id: str, rows: list[RoundRow]) -> dict[str, Any]:
-    """Staleness, stream wait and updates in flight, per row and for the run, from the markers."""
+def _async_figures(store: Store, run_id: str, rows: list[RoundRow], log_path: Path) -> dict[str, Any]:
+    """Staleness, stream wait, updates in flight and in the buffer, per row and for the run, from the
+    markers; the rejections up to each row, by reason, from the handlers' metric lines."""
     from fedstream.local import async_stats
+    from fedstream.local.logs import json_lines, rejection_events
 
     updates = async_stats.from_markers(store.run_items_with_prefix(run_id, "update#"))
+    text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    rejections = rejection_events(json_lines(text))
     previous = float("-inf")
     for row in rows:
         end = row.committed_at if row.committed_at is not None else float("inf")
         for name, value in async_stats.row_stats(updates, previous, end).items():
             setattr(row, name, value)
+        taken = sum(1 for u in updates if u.taken and u.consumed_at <= end)
+        row.buffered = max(0, taken - row.clients)
+        row.rejected = {}
+        for at, reason, count in rejections:
+            if at <= end:
+                row.rejected[reason] = row.rejected.get(reason, 0) + count
         previous = end
     return async_stats.run_summary(updates)
 
@@ -785,7 +999,8 @@ def _write_outputs(summary: RunSummary, config: LocalRunConfig) -> None:
     with (out / "metrics.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(RoundRow.__dataclass_fields__))
         writer.writeheader()
-        writer.writerows(rows)
+        # a cell per field: the rejections by reason as JSON
+        writer.writerows({**row, "rejected": json.dumps(row["rejected"])} for row in rows)
     if rows:
         from fedstream.local.plot import plot_run
 
