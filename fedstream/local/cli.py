@@ -145,7 +145,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--visibility-timeout", type=int, default=300, help="client message visibility (s)")
     parser.add_argument(
-        "--out", type=Path, default=Path("runs/local"), help="directory for the run's logs, metrics and model"
+        "--out",
+        type=Path,
+        help="directory for the run's logs, metrics and model (default: a new runs/RUN-ID/, with "
+        "runs/latest pointing at it); one that is not empty is refused unless --overwrite",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="let --out name a folder that is not empty (a previous run's outputs there are replaced)",
     )
     parser.add_argument("--no-progress", action="store_true", help="plain lines instead of a live table")
     parser.add_argument(
@@ -203,7 +211,60 @@ def check_arguments(args: argparse.Namespace) -> None:
     _check_partition(args.partition)
     _check_dataset(args.dataset)
     _check_trainer(args.trainer)
-    _check_out(args.out)
+    _check_aggregator(args)
+    _check_faults_and_attacks(args)
+    if args.out is not None:
+        _check_out(args.out, overwrite=args.overwrite)
+
+
+def _check_aggregator(args: argparse.Namespace) -> None:
+    """The aggregator exists, runs in ``--mode``, takes the ``--param`` values, and has enough clients."""
+    from fedstream.cli import CliError, parse_params
+    from fedstream.registry import PluginError, default_registry
+
+    registry = default_registry()
+    if args.aggregator not in registry:
+        names = ", ".join(registry.names())
+        raise CliError(
+            f"--aggregator: unknown aggregator {args.aggregator!r}; choose one of {names} "
+            "(`fedstream plugins list`)"
+        )
+    modes = registry.info(args.aggregator).modes
+    if args.mode not in modes:
+        raise CliError(
+            f"--aggregator {args.aggregator} runs in {'/'.join(sorted(modes))} mode, not --mode {args.mode}"
+        )
+    params = parse_params(args.param)
+    try:
+        aggregator = registry.create(
+            args.aggregator, params, seed=args.seed, mode=args.mode, num_clients=args.clients
+        )
+    except PluginError as exc:
+        raise CliError(f"--param: {_one_line(exc)}") from None
+    if args.mode == "async" and aggregator.min_clients > args.clients:
+        raise CliError(
+            f"--clients {args.clients}: {args.aggregator} needs at least {aggregator.min_clients} in async "
+            "mode (each client has one update in flight, and one refused update must not stall the run)"
+        )
+
+
+def _check_faults_and_attacks(args: argparse.Namespace) -> None:
+    from fedstream.cli import CliError
+    from fedstream.local.attack import AttackSpecError, parse_attackers
+    from fedstream.local.faults import FaultPlan
+
+    client_ids = [f"site-{i + 1}" for i in range(args.clients)]
+    FaultPlan.parse(args.fault, client_ids)  # its errors name the --fault already
+    try:
+        attackers = parse_attackers(args.attack)
+    except AttackSpecError as exc:
+        message = str(exc)
+        raise CliError(message if message.startswith("--attack") else f"--attack: {message}") from None
+    for client_id in attackers:
+        if client_id not in client_ids:
+            raise CliError(
+                f"--attack {client_id}: not a client of this run ({client_ids[0]}..{client_ids[-1]})"
+            )
 
 
 def _check_partition(scheme: str) -> None:
@@ -247,7 +308,7 @@ def _check_trainer(spec: str) -> None:
         ) from None
 
 
-def _check_out(out: Path) -> None:
+def _check_out(out: Path, overwrite: bool = False) -> None:
     from fedstream.cli import CliError
 
     if out.exists():
@@ -255,6 +316,11 @@ def _check_out(out: Path) -> None:
             raise CliError(f"--out {out}: exists and is not a directory")
         if not os.access(out, os.W_OK | os.X_OK):
             raise CliError(f"--out {out}: directory is not writable")
+        if not overwrite and any(out.iterdir()):
+            raise CliError(
+                f"--out {out}: not empty; name a new folder, leave --out out (a new runs/RUN-ID/), "
+                "or add --overwrite to replace a previous run's outputs there"
+            )
         return
     parent = out.absolute().parent
     while not parent.exists():
@@ -263,6 +329,21 @@ def _check_out(out: Path) -> None:
         raise CliError(f"--out {out}: cannot create it, {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CliError(f"--out {out}: cannot create it, {parent} is not writable")
+
+
+def fresh_run_folder(runs: Path, run_id: str) -> Path:
+    """``runs/RUN-ID/``, created, with ``runs/latest`` pointing at it (replaced in one step)."""
+    from fedstream.cli import CliError
+
+    out = runs / run_id
+    try:
+        out.mkdir(parents=True)
+        link = runs / f".latest-{run_id}"
+        link.symlink_to(run_id, target_is_directory=True)
+        os.replace(link, runs / "latest")
+    except OSError as exc:
+        raise CliError(f"cannot create {out} and {runs / 'latest'}: {exc.strerror or exc}") from None
+    return out
 
 
 def _one_line(exc: BaseException) -> str:
@@ -277,9 +358,10 @@ def run(args: argparse.Namespace) -> int:
         os.environ[VERBOSE_ENV] = "1"  # the clients inherit it
     from fedstream.cli import CliError, parse_params
     from fedstream.local.attack import AttackSpecError, parse_attackers
-    from fedstream.local.run import LocalRunConfig, run_local
+    from fedstream.local.run import LocalRunConfig, new_run_id, run_local
 
     check_arguments(args)
+    run_id = new_run_id()
     stragglers, factor = args.stragglers or (0, 1.0)
     bounds = parse_bounds(args.bound, off=args.no_bounds)
     try:
@@ -300,7 +382,8 @@ def run(args: argparse.Namespace) -> int:
         straggler_factor=factor,
         target_accuracy=args.target_accuracy,
         seed=args.seed,
-        out=args.out,
+        out=args.out or fresh_run_folder(Path("runs"), run_id),
+        run_id=run_id,
         trainer=args.trainer,
         epochs=args.epochs,
         batch_size=args.batch_size,

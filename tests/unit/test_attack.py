@@ -201,7 +201,7 @@ def test_bad_bound_options_say_what_is_wrong(pairs: list[str], fragment: str) ->
     [
         (["--bound", "nope=1"], "unknown bound 'nope'"),
         (["--attack", "site-2=flip:3"], "unknown attack 'flip'"),
-        (["--attack", "site-9=copy"], "attackers ['site-9'] are not clients of this run (site-1..site-2)"),
+        (["--attack", "site-9=copy"], "--attack site-9: not a client of this run (site-1..site-2)"),
     ],
 )
 def test_fedstream_local_refuses_bad_options_in_one_line_before_starting(

@@ -80,6 +80,19 @@ BAD = [
     (["--stragglers", "4:2"], "--stragglers", "between 0 and --clients (3)"),
     (["--out", "{file}"], "--out", "exists and is not a directory"),
     (["--out", "{file}/run"], "--out", "cannot create it"),
+    (["--out", "{full}"], "--out", "not empty; name a new folder, leave --out out (a new runs/RUN-ID/)"),
+    (["--aggregator", "bogus"], "--aggregator", "unknown aggregator 'bogus'; choose one of dp-noise"),
+    (["--mode", "async", "--aggregator", "fedavg"], "--aggregator", "runs in sync mode, not --mode async"),
+    (["--mode", "sync", "--aggregator", "fedbuff"], "--aggregator", "runs in async mode, not --mode sync"),
+    (["--aggregator", "fedprox", "--param", "mu=abc"], "--param", "mu: Input should be a valid number"),
+    (["--aggregator", "fedavg", "--param", "mu"], "--param", "expects key=value"),
+    (["--aggregator", "dp-noise", "--param", "clip_norm=1"], "--param", "noise_multiplier: Field required"),
+    (["--mode", "async", "--aggregator", "fedbuff", "--clients", "1"], "--clients", "needs at least 2"),
+    (["--fault", "nonsense"], "--fault", "unknown fault"),
+    (["--fault", "kill:site-7"], "--fault", "no client 'site-7' in this run"),
+    (["--attack", "site-9=sign-flip:2"], "--attack", "site-9: not a client of this run (site-1..site-3)"),
+    (["--attack", "site-1=bogus"], "--attack", "unknown attack 'bogus'"),
+    (["--attack", "site-1"], "--attack", "expects CLIENT=SPEC"),
 ]
 
 
@@ -93,7 +106,10 @@ def test_a_bad_argument_is_one_line_naming_the_option_and_exit_2_before_anything
     option: str,
     fragment: str,
 ) -> None:
-    argv = [a.replace("{file}", _existing_file(tmp_path)) for a in argv]
+    full = tmp_path / "earlier-run"
+    full.mkdir()
+    (full / "metrics.json").write_text("{}")
+    argv = [a.replace("{file}", _existing_file(tmp_path)).replace("{full}", str(full)) for a in argv]
     if "--out" not in argv:
         argv += ["--out", str(tmp_path / "run")]
 
@@ -159,7 +175,7 @@ def test_fashion_mnist_passes_when_its_files_are_there(
     monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path)
 
     check_arguments(
-        build_parser().parse_args(["local", "--dataset", "fashion-mnist", "--out", str(tmp_path)])
+        build_parser().parse_args(["local", "--dataset", "fashion-mnist", "--out", str(tmp_path / "run")])
     )
 
 
@@ -208,7 +224,7 @@ def test_help_shows_the_defaults_and_every_trainer_kind(
         "(default: 20)",
         "(default: iid)",
         "(default: keras)",
-        "(default: runs/local)",
+        "(default: a new runs/RUN-ID/, with runs/latest pointing at it)",
     ):
         assert default in out, default
     assert "(default: None)" not in out and "(default: False)" not in out
@@ -268,3 +284,31 @@ def test_a_broken_pipe_that_is_not_stdout_is_still_an_error(
 
     assert code == 2
     assert "fedstream local: error: [Errno 32] Broken pipe" in capsys.readouterr().err
+
+
+def test_an_earlier_runs_folder_is_taken_with_overwrite(
+    tmp_path: Path, nothing_starts: list[local_run.LocalRunConfig]
+) -> None:
+    (tmp_path / "metrics.json").write_text("{}")
+
+    code = main(["local", "--no-progress", "--out", str(tmp_path), "--overwrite"])
+
+    assert code == 0
+    [config] = nothing_starts
+    assert config.out == tmp_path
+
+
+def test_without_out_each_run_gets_a_new_folder_and_runs_latest_points_at_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nothing_starts: list[local_run.LocalRunConfig]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    assert main(["local", "--no-progress"]) == 0
+    assert main(["local", "--no-progress"]) == 0
+
+    first, second = nothing_starts
+    assert first.run_id != second.run_id
+    assert (first.out, second.out) == (Path("runs", first.run_id), Path("runs", second.run_id))
+    assert first.out.is_dir() and second.out.is_dir()
+    assert os.readlink("runs/latest") == second.run_id
+    assert Path("runs/latest").resolve() == second.out.resolve()
