@@ -7,14 +7,23 @@ export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION ?= 20
 
 .PHONY: demo test check lint bench clean
 
-$(VENV)/.installed: pyproject.toml
+# `make demo` installs what a local run needs (.[local]: TensorFlow, moto, rich, matplotlib);
+# `make test` adds the development tools on top (.[dev]: CDK, cfn-lint, pytest, ruff).
+# setuptools' notice about editable installs (a folder named like the package) is not for users.
+PIP := PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install --quiet
+
+$(VENV)/.local: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(PIP) -e '.[local]'
 	touch $@
 
-demo: $(VENV)/.installed
-	$(BIN)/fedstream local --mode sync --aggregator fedavg --clients 3 --rounds 3 --dataset mnist-5k --out runs/demo
+$(VENV)/.installed: $(VENV)/.local
+	$(PIP) -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.local
+	$(BIN)/fedstream local --mode sync --aggregator fedavg --clients 3 --rounds 3 --dataset mnist-5k
 
 # Test processes (pytest-xdist); work stealing evens out the long end-to-end runs.
 WORKERS ?= 2
