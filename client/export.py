@@ -42,6 +42,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--out", type=Path, required=True, help="an empty or new directory")
     export.add_argument("--name", default="fedstream", help="the serving model name (default fedstream)")
     export.set_defaults(func=export_command)
+    from fedstream.client.model_files import add_commands as add_file_commands
+
+    add_file_commands(commands)
 
 
 def export_command(args: argparse.Namespace) -> int:

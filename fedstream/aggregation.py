@@ -292,6 +292,28 @@ class MetricsMean:
         out["num_examples"] = float(self.num_examples)
         return out
 
+    def to_json(self) -> str:
+        """The running sums, for a host that adds updates across invocations (async: a buffer)."""
+        return json.dumps(
+            {
+                "sums": self._sums,
+                "weights": self._weights,
+                "num_examples": self.num_examples,
+                "num_clients": self.num_clients,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str | None) -> MetricsMean:
+        """The sums :meth:`to_json` wrote (written by the server itself); empty for none."""
+        mean = cls()
+        if text:
+            data = json.loads(text)
+            mean._sums = {str(k): float(v) for k, v in data["sums"].items()}
+            mean._weights = {str(k): float(v) for k, v in data["weights"].items()}
+            mean.num_examples, mean.num_clients = int(data["num_examples"]), int(data["num_clients"])
+        return mean
+
 
 def delta(weights: Weights, base: Weights) -> Weights:
     """``weights - base`` per tensor, in float64."""

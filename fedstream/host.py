@@ -49,6 +49,7 @@ class Step:
     result: AsyncResult
     norm: float  # the update's delta norm from the model it was trained on
     norms: list[float]  # the bounds' reference window, with this update taken
+    num_examples: int  # the update's example count as applied (after the cap)
 
 
 def async_step(
@@ -76,7 +77,7 @@ def async_step(
         raise Refused(
             "non_finite", f"applying the update of {update.client_id!r} would make the model non-finite"
         )
-    return Step(result, norm, remember_norm(bounds, norms, norm))
+    return Step(result, norm, remember_norm(bounds, norms, norm), update.num_examples)
 
 
 def sync_round(

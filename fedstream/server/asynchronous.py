@@ -45,7 +45,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fedstream import faults, keys
-from fedstream.aggregation import Aggregator, AsyncState, ClientUpdate
+from fedstream.aggregation import Aggregator, AsyncState, ClientUpdate, MetricsMean
 from fedstream.bounds import (
     InfluenceBounds,
     for_run,
@@ -239,6 +239,8 @@ class _Plan:
     finished: str | None = None
     step_metrics: dict[str, float] = field(default_factory=dict)
     reported: dict[str, float] = field(default_factory=dict)
+    # what the clients reported with the updates taken since the last server step (a buffer's worth)
+    reports: MetricsMean = field(default_factory=MetricsMean)
     norms: list[float] = field(default_factory=list)  # delta norms of the updates taken last
 
     @property
@@ -322,6 +324,7 @@ class _RunBatch:
             buffer=self._load_buffer(state) if running else None,
             buffer_ids=list(state.get("buffer_ids", [])),
             norms=[float(n) for n in state.get("norms", [])],
+            reports=MetricsMean.from_json(state.get("reports_since_step")),
         )
         released = state.get("released", {})
         # What can be refused without it is not downloaded: a duplicate, a future or back-dated base,
@@ -414,6 +417,7 @@ class _RunBatch:
         verdict.metrics = {k: float(v) for k, v in result.metrics.items()}
         plan.norms = step.norms
         plan.buffer_ids.append(update_ref(record))
+        plan.reports.add(update.metrics, step.num_examples)
         if result.weights is None:
             verdict.outcome = "buffered"
             plan.buffer, plan.buffer_changed = result.state, True
@@ -424,7 +428,8 @@ class _RunBatch:
         plan.applied += len(plan.buffer_ids)
         plan.buffer, plan.buffer_ids, plan.buffer_changed = result.state, [], True
         plan.step_metrics = verdict.metrics
-        plan.reported = record.metrics.as_dict()
+        # The clients' metrics of the step: example-weighted over its updates, whatever the plugin returns.
+        plan.reported, plan.reports = plan.reports.result(), MetricsMean()
         plan.finished = self._stop_reason(plan, record, stop=result.stop)
 
     def _stop_reason(self, plan: _Plan, record: UpdateRecord, *, stop: bool) -> str | None:
@@ -432,7 +437,7 @@ class _RunBatch:
         max_updates = int(state.get("max_updates") or 0)
         target = state.get("target_accuracy") or ""
         max_seconds = float(state.get("max_seconds") or 0)
-        accuracy = record.metrics.eval_accuracy
+        accuracy = plan.reported.get("eval_accuracy")  # the step's example-weighted mean
         if stop:
             return "privacy_budget"
         if max_updates and int(state.get("applied", 0)) + plan.applied >= max_updates:
@@ -488,6 +493,7 @@ class _RunBatch:
             "buffered": len(plan.buffer_ids),
             "released": released,
             "norms": plan.norms,
+            "reports_since_step": plan.reports.to_json(),
         }
         items: list[dict[str, Any]] = []
         if plan.buffer_changed and plan.buffer is None:

@@ -3,6 +3,8 @@ staleness, redelivery and crashes."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -90,6 +92,48 @@ def test_fedbuff_buffers_until_k_updates_and_a_redelivered_batch_is_not_buffered
     assert counters(run) == (1, 2, 2, 0)
     assert run.state()["buffered"] == 0
     assert_model(run.model(), {name: array + 2.0 for name, array in run.base.items()})
+
+
+@pytest.mark.aggregator("fedbuff", buffer_size=2)
+def test_a_steps_client_metrics_are_the_example_weighted_means_of_its_updates_across_batches(
+    async_run: Run,
+) -> None:
+    # GIVEN FedBuff with K = 2: site-1's update (30 examples, eval accuracy 0.2) is buffered
+    run = async_run
+    metrics = {"train_loss": 2.0, "eval_accuracy": 0.2}
+    assert outcomes(run.batch(run.update("site-1", 0, examples=30, metrics=metrics))) == ["buffered"]
+
+    # WHEN site-2's update (10 examples, eval accuracy 0.6) arrives in a later batch and makes the step
+    metrics = {"train_loss": 1.0, "eval_accuracy": 0.6}
+    assert outcomes(run.batch(run.update("site-2", 0, examples=10, metrics=metrics))) == ["applied"]
+
+    # THEN the version's metrics are the means over both updates, weighted by their examples
+    # (the plugin returns none of these), and the next step starts counting afresh
+    reported = json.loads(run.state()["last_metrics"])
+    assert reported["eval_accuracy"] == pytest.approx((30 * 0.2 + 10 * 0.6) / 40)
+    assert reported["train_loss"] == pytest.approx((30 * 2.0 + 10 * 1.0) / 40)
+    assert (reported["num_clients"], reported["num_examples"]) == (2, 40)
+    version = run.store.run_items(run.run_id, ["version#1"])["version#1"]
+    assert json.loads(version["metrics"])["eval_accuracy"] == pytest.approx(0.3)
+    assert json.loads(run.state()["reports_since_step"])["num_clients"] == 0
+
+
+@pytest.mark.aggregator("fedbuff", buffer_size=2)
+def test_the_target_accuracy_is_judged_on_the_steps_mean_not_on_one_client(async_run: Run) -> None:
+    # GIVEN a run that stops at eval accuracy 0.5, and a buffered update reporting 0.1
+    run = Run(async_run.store, async_run.settings, run_id="run-target")
+    run.start_async(max_updates=100, target_accuracy=0.5)
+    low, high = {"eval_accuracy": 0.1}, {"eval_accuracy": 0.7}
+    run.batch(run.update("site-1", 0, examples=10, metrics=low))
+
+    # WHEN one client claims 0.7 in the update that makes the step (mean 0.4)
+    run.batch(run.update("site-2", 0, examples=10, metrics=high))
+
+    # THEN the run goes on; a step whose mean reaches 0.5 ends it
+    assert run.state()["status"] == "RUNNING"
+    assert outcomes(run.batch(run.update("site-3", 0, examples=10, metrics=high))) == ["buffered"]
+    assert outcomes(run.batch(run.update("site-1", 1, by=2.0, examples=10, metrics=high))) == ["applied"]
+    assert run.state()["status"] == "SUCCEEDED" and run.state()["finish_reason"] == "target_accuracy"
 
 
 @pytest.mark.aggregator("fedasync", max_staleness=1)
