@@ -37,7 +37,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "copied from S3) as model.keras, a SavedModel under serving/NAME/1/ and the original with its "
         "lineage, for the built-in Keras model of --dataset.",
     )
-    export.add_argument("model", type=Path, help="the global model, a .safetensors file")
+    export.add_argument("model", type=Path, nargs="?", help="the global model, a .safetensors file")
+    export.add_argument(
+        "--run", help="instead of a file: this run's final model (or --version) from a deployment"
+    )
+    export.add_argument("--version", type=int, help="with --run: this version instead of the final one")
+    where = export.add_mutually_exclusive_group()
+    where.add_argument("--outputs", type=Path, help="with --run: the stack's outputs file")
+    where.add_argument("--stack", help="with --run: the stack's name (its outputs from CloudFormation)")
+    export.add_argument("--region", help="with --stack: the stack's region")
     export.add_argument("--dataset", required=True, help="the dataset the run trained: its built-in model")
     export.add_argument("--out", type=Path, required=True, help="an empty or new directory")
     export.add_argument("--name", default="fedstream", help="the serving model name (default fedstream)")
@@ -48,12 +56,27 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    report = export_model(args.model, args.dataset, args.out, name=args.name)
+    if (args.model is None) == (args.run is None):
+        raise CliError("give the model: a .safetensors file, or --run RUN_ID with --outputs or --stack")
+    if args.run is None:
+        report = export_model(args.model, args.dataset, args.out, name=args.name)
+    else:
+        import tempfile
+
+        from fedstream.runs import fetch_model
+
+        data, source = fetch_model(args, args.run, args.version)
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "model.safetensors"
+            path.write_bytes(data)
+            report = export_model(path, args.dataset, args.out, name=args.name, source=source)
     print(json.dumps(report, indent=2))
     return 0
 
 
-def export_model(path: Path, dataset: str, out: Path, *, name: str = "fedstream") -> dict[str, Any]:
+def export_model(
+    path: Path, dataset: str, out: Path, *, name: str = "fedstream", source: str | None = None
+) -> dict[str, Any]:
     from fedstream.client.data import DATASETS
 
     from fedstream.weights import WireFormatError, decode
@@ -84,7 +107,7 @@ def export_model(path: Path, dataset: str, out: Path, *, name: str = "fedstream"
     model.export(str(serving), format="tf_saved_model", verbose=False)
     shutil.copyfile(path, out / "model.safetensors")
     lineage = {
-        "source": str(path),
+        "source": source or str(path),
         "sha256": hashlib.sha256(data).hexdigest(),
         "metadata": metadata,
         "dataset": dataset,

@@ -89,15 +89,34 @@ def _build(args: argparse.Namespace, clients: int = 1, client: int = 1, partitio
     )
 
 
-def init_command(args: argparse.Namespace) -> int:
+def build_initial(trainer: str, dataset: str, seed: int = 0) -> bytes:
+    """Version 0 of ``trainer``'s model for ``dataset``, seeded, as safetensors bytes."""
+    from fedstream.client.data import DATASETS
+    from fedstream.client.trainers import build_trainer, check_trainer_spec
+
+    if dataset not in DATASETS:
+        raise CliError(f"--dataset: unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    try:
+        check_trainer_spec(trainer)
+    except ValueError as exc:
+        raise CliError(f"--trainer: {exc}") from None
+    return encode_initial(
+        build_trainer(trainer, dataset, "iid", 1, 0, seed=seed).initial_weights(), trainer, dataset
+    )
+
+
+def encode_initial(weights: Any, trainer: str, dataset: str) -> bytes:
     from fedstream.weights import encode
 
+    return encode(
+        weights, {"version": "0", "creator": "fedstream model init", "trainer": trainer, "dataset": dataset}
+    )
+
+
+def init_command(args: argparse.Namespace) -> int:
     _check(args)
     weights = _build(args).initial_weights()
-    data = encode(
-        weights,
-        {"version": "0", "creator": "fedstream model init", "trainer": args.trainer, "dataset": args.dataset},
-    )
+    data = encode_initial(weights, args.trainer, args.dataset)
     args.out.write_bytes(data)
     parameters = sum(int(array.size) for array in weights.values())
     digest = hashlib.sha256(data).hexdigest()

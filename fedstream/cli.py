@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "fedstream.local.cli",
     "fedstream.client.cli",
     "fedstream.client.export",
+    "fedstream.runs",
 )
 
 
@@ -110,4 +111,7 @@ def entry() -> None:
 
 
 if __name__ == "__main__":
-    entry()
+    # `python -m fedstream.cli`: run the imported module, so CliError here is the one commands raise
+    from fedstream.cli import entry as imported_entry
+
+    imported_entry()

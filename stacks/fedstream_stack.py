@@ -160,11 +160,13 @@ class FedstreamStack(Stack):
             self._output(
                 "StateMachineArn", self.orchestration.state_machine.state_machine_arn, "start a sync run here"
             )
-            self._output(
-                "RunInputDefaults",
-                json.dumps(config.run_input(registry), sort_keys=True),
-                "add run_id, version, object_key and sha256 to get a start-execution input",
-            )
+        # sync: the start-execution input without the run's own fields; async: the client settings
+        # a run publishes (`fedstream run start` reads both)
+        self._output(
+            "RunInputDefaults",
+            json.dumps(config.run_input(registry), sort_keys=True),
+            "add run_id, version, object_key and sha256 to get a start-execution input",
+        )
         for client_id in config.clients:
             name = role_output_name(client_id)
             settings = {

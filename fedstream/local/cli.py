@@ -157,6 +157,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--no-progress", action="store_true", help="plain lines instead of a live table")
     parser.add_argument(
+        "--serve",
+        action="store_true",
+        help="start no clients and no run: serve the embedded AWS, handlers and state machine until Ctrl-C, "
+        "writing outputs.json and clients/SITE.json for `fedstream run ... --outputs` and "
+        "`fedstream client --config`",
+    )
+    parser.add_argument(
         "-v",
         "--verbose",
         action="store_true",
@@ -362,6 +369,25 @@ def run(args: argparse.Namespace) -> int:
 
     check_arguments(args)
     run_id = new_run_id()
+    if args.serve:
+        from fedstream.local.serve import ServeConfig, serve_local
+
+        return serve_local(
+            ServeConfig(
+                out=args.out or fresh_run_folder(Path("runs"), run_id.replace("run-", "serve-", 1)),
+                mode=args.mode,
+                aggregator=args.aggregator,
+                params=parse_params(args.param),
+                clients=args.clients,
+                rounds=args.rounds,
+                min_clients=args.min_clients,
+                round_timeout=args.round_timeout,
+                target_accuracy=args.target_accuracy,
+                seed=args.seed,
+                bounds=parse_bounds(args.bound, off=args.no_bounds),
+                verbose=args.verbose,
+            )
+        )
     stragglers, factor = args.stragglers or (0, 1.0)
     bounds = parse_bounds(args.bound, off=args.no_bounds)
     try:

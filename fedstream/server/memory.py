@@ -766,11 +766,11 @@ class MemoryStore(StoreCaches):
         )
 
     @_operation
-    def finish_run(self, run_id: str, reason: str, now: str) -> None:
+    def finish_run(self, run_id: str, reason: str, now: str, status: str = "SUCCEEDED") -> None:
         # SET #status = :done, finish_reason = :why, finished_at = :at  IF #status = :running
         self._update(
             (run_id, "state"),
-            _Update({"status": "SUCCEEDED", "finish_reason": stored(reason), "finished_at": stored(now)}),
+            _Update({"status": stored(status), "finish_reason": stored(reason), "finished_at": stored(now)}),
             lambda it: _eq(it, "status", "RUNNING"),
             "#status = :running",
         )

@@ -194,7 +194,7 @@ class Repository(Protocol):
 
     def publish_version(self, run_id: str, expected: int, fields: Mapping[str, Any]) -> None: ...
 
-    def finish_run(self, run_id: str, reason: str, now: str) -> None: ...
+    def finish_run(self, run_id: str, reason: str, now: str, status: str = "SUCCEEDED") -> None: ...
 
     def create_items(self, items: list[dict[str, Any]]) -> None: ...
 
@@ -610,15 +610,28 @@ class Store(StoreCaches):
             names,
         )
 
-    def finish_run(self, run_id: str, reason: str, now: str) -> None:
-        """RUNNING -> SUCCEEDED with ``reason``; ConditionFailed if the run is not running."""
+    def finish_run(self, run_id: str, reason: str, now: str, status: str = "SUCCEEDED") -> None:
+        """RUNNING -> ``status`` with ``reason``; ConditionFailed if the run is not running."""
         self.conditional_update(
             {"run_id": run_id, "sk": "state"},
             "SET #status = :done, finish_reason = :why, finished_at = :at",
             "#status = :running",
-            {":done": "SUCCEEDED", ":why": reason, ":at": now, ":running": "RUNNING"},
+            {":done": status, ":why": reason, ":at": now, ":running": "RUNNING"},
             {"#status": "status"},
         )
+
+    def list_runs(self) -> list[dict[str, Any]]:
+        """Every run's state item (a paged Scan: for operators, not for the functions)."""
+        from boto3.dynamodb.conditions import Attr
+
+        items: list[dict[str, Any]] = []
+        kwargs: dict[str, Any] = {"FilterExpression": Attr("sk").eq("state")}
+        while True:
+            response = self.runs.scan(**kwargs)
+            items += [plain(item) for item in response.get("Items", [])]
+            if "LastEvaluatedKey" not in response:
+                return items
+            kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
 
     def create_items(self, items: list[dict[str, Any]]) -> None:
         """Create run-table items in one transaction, all or none; ConditionFailed if one exists."""
