@@ -201,6 +201,72 @@ def make_sns_publish_reach_every_subscription() -> None:
     Topic._fedstream_all_subscriptions = True
 
 
+STATE_MACHINE_FAULTS_ENV = "FEDSTREAM_STATE_MACHINE_FAULTS"
+_THROTTLED = {"dynamodb": "ProvisionedThroughputExceededException", "sns": "Throttled"}
+
+
+def inject_state_machine_faults(specs: list[str]) -> None:
+    """Throttle the state machine's own calls to DynamoDB or SNS, as the services would.
+
+    moto's interpreter makes a boto3 client per task call (``boto_client_for`` in each service
+    module); each client made here answers the chosen operation with the service's throttling
+    error before the request leaves botocore, ``times`` times after the first ``skip`` calls. The
+    interpreter turns it into the error name a real execution sees (``DynamoDB.Provisioned
+    ThroughputExceededException``, ``SNS.ThrottledException``), so the definition's Retry and
+    Catch run as on AWS. ``specs``: ``service:Operation:times:skip`` (``fedstream local --fault sfn:``).
+    """
+    from botocore.exceptions import ClientError
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service import (
+        state_task_service_dynamodb,
+        state_task_service_sns,
+    )
+
+    lock = threading.Lock()
+    rules: list[dict[str, Any]] = []
+    for spec in specs:
+        service, operation, times, skip = spec.split(":")
+        rules.append({"service": service, "operation": operation, "times": int(times), "skip": int(skip)})
+
+    def rule_hook(rule: dict[str, Any]) -> Any:
+        calls = [0]
+
+        def before_call(**_: Any) -> None:
+            with lock:
+                calls[0] += 1
+                failing = rule["skip"] < calls[0] <= rule["skip"] + rule["times"]
+            if failing:
+                code = _THROTTLED[rule["service"]]
+                print(  # to the server's stderr: aws.log in a local run
+                    f"fedstream fault: the state machine's {rule['service']} {rule['operation']} call "
+                    f"{calls[0]} answered {code}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                raise ClientError(
+                    {
+                        "Error": {"Code": code, "Message": "throttled by fedstream local --fault sfn:"},
+                        "ResponseMetadata": {"HTTPStatusCode": 400, "RequestId": "fedstream-fault"},
+                    },
+                    rule["operation"],
+                )
+
+        return before_call
+
+    hooks = [(rule, rule_hook(rule)) for rule in rules]
+    for module in (state_task_service_dynamodb, state_task_service_sns):
+        original = module.boto_client_for
+
+        def patched(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            client = _original(*args, **kwargs)
+            service = client.meta.service_model.service_name
+            for rule, hook in hooks:
+                if rule["service"] == service:
+                    client.meta.events.register(f"before-call.{service}.{rule['operation']}", hook)
+            return client
+
+        module.boto_client_for = patched
+
+
 def serve_in_this_process() -> tuple[Any, int]:
     """Start a patched ``ThreadedMotoServer`` on loopback with Step Functions executions on."""
     from moto.server import ThreadedMotoServer
@@ -209,6 +275,8 @@ def serve_in_this_process() -> tuple[Any, int]:
     make_dynamodb_transactions_item_scoped()
     make_dynamodb_item_operations_atomic()
     make_sns_publish_reach_every_subscription()
+    if os.environ.get(STATE_MACHINE_FAULTS_ENV):
+        inject_state_machine_faults(os.environ[STATE_MACHINE_FAULTS_ENV].split(","))
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     _, port = server.get_host_and_port()
@@ -249,9 +317,15 @@ class EmbeddedAWS:
     goes to ``log_path`` if given.
     """
 
-    def __init__(self, in_process: bool = False, log_path: os.PathLike[str] | str | None = None) -> None:
+    def __init__(
+        self,
+        in_process: bool = False,
+        log_path: os.PathLike[str] | str | None = None,
+        state_machine_faults: tuple[str, ...] = (),
+    ) -> None:
         self.in_process = in_process
         self.log_path = log_path
+        self.state_machine_faults = state_machine_faults
         self._server: Any = None
         self._process: subprocess.Popen[str] | None = None
         self.port = 0
@@ -273,6 +347,8 @@ class EmbeddedAWS:
         names = aws_environment("", 0)
         self._environ_before = {name: os.environ.get(name) for name in names}
         if self.in_process:
+            if self.state_machine_faults:
+                inject_state_machine_faults(list(self.state_machine_faults))
             self._server, self.port = serve_in_this_process()
         else:
             with contextlib.ExitStack() as files:
@@ -284,6 +360,7 @@ class EmbeddedAWS:
                     stderr=stderr,
                     text=True,
                     process_group=0,
+                    env={**os.environ, STATE_MACHINE_FAULTS_ENV: ",".join(self.state_machine_faults)},
                 )
             assert self._process.stdout is not None
             line = self._process.stdout.readline()

@@ -11,6 +11,10 @@
 ``hang:<client>``                  SIGSTOP the client once it is ready: it never answers again
                                    (the runtime lets it go at the end of the run)
 ``redeliver:N``                    the stream poller delivers each of its first N batches twice
+``sfn:<service>:<Op>[:N[:SKIP]]``  the state machine's own ``Op`` calls are throttled N times
+                                   (default 1) after the first SKIP (default 0): DynamoDB
+                                   ``ProvisionedThroughputExceededException``, SNS ``Throttled``;
+                                   service dynamodb | sns (``embedded.inject_state_machine_faults``)
 =================================  ==========================================================
 
 Throttles and errors are answered before the request leaves botocore (its ``before-send``
@@ -49,6 +53,8 @@ class FaultPlan:
     kills: dict[str, int] = field(default_factory=dict)
     hangs: tuple[str, ...] = ()
     redeliver_batches: int = 0
+    # "service:Operation:N:SKIP", for the embedded AWS's state machine interpreter
+    state_machine_faults: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, specs: list[str] | tuple[str, ...], client_ids: list[str] | None = None) -> FaultPlan:
@@ -57,6 +63,7 @@ class FaultPlan:
         kills: dict[str, int] = {}
         hangs: list[str] = []
         redeliver = 0
+        state_machine: list[str] = []
         for spec in specs:
             head, _, rest = spec.partition(":")
             try:
@@ -75,13 +82,21 @@ class FaultPlan:
                     hangs.append(_client(rest, client_ids))
                 elif head == "redeliver":
                     redeliver += _count(rest or "1", spec)
+                elif head == "sfn":
+                    service, _, rest = rest.partition(":")
+                    operation, _, rest = rest.partition(":")
+                    times, _, skip = rest.partition(":")
+                    if service not in ("dynamodb", "sns") or not operation:
+                        raise ValueError("expects sfn:dynamodb|sns:Operation[:N[:SKIP]]")
+                    skipped = 0 if not skip else _count(skip, spec) if skip != "0" else 0
+                    state_machine.append(f"{service}:{operation}:{_count(times or '1', spec)}:{skipped}")
                 else:
-                    others = ["throttle:", "error:", "kill:", "hang:", "redeliver:"]
+                    others = ["throttle:", "error:", "kill:", "hang:", "redeliver:", "sfn:"]
                     known = ", ".join([*sorted(faults.POINTS), *others])
                     raise ValueError(f"unknown fault; known: {known}")
             except ValueError as exc:
                 raise CliError(f"--fault {spec}: {exc}") from None
-        return cls(points, tuple(service_faults), kills, tuple(hangs), redeliver)
+        return cls(points, tuple(service_faults), kills, tuple(hangs), redeliver, tuple(state_machine))
 
     def arm_handler_points(self) -> None:
         for name, times in self.points.items():

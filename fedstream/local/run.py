@@ -224,7 +224,12 @@ def run_local(config: LocalRunConfig) -> RunSummary:
             stack.enter_context(_quiet_loggers("moto", "werkzeug", "botocore", "urllib3"))
         stack.enter_context(_termination_interrupts())
         # moto's own messages go to aws.log (-v: the terminal); it restores the variables it sets
-        aws = stack.enter_context(EmbeddedAWS(log_path=None if config.verbose else out / "aws.log"))
+        aws = stack.enter_context(
+            EmbeddedAWS(
+                log_path=None if config.verbose else out / "aws.log",
+                state_machine_faults=plan.state_machine_faults,
+            )
+        )
         console_stream = stack.enter_context(_log_stream(out / "logs.jsonl"))
         progress = Progress(console_stream, config, client_ids, enabled=config.progress)
         close_progress = _once(progress.close)
@@ -828,8 +833,24 @@ def _watch(
     error = None
     if status != "SUCCEEDED":
         failed = store.round_item(run_id, len(rows) + 1) or {}
-        error = failed.get("failure") or description.get("error") or status
+        error = (
+            failed.get("failure")
+            or _run_failure(store.run_state(run_id))
+            or description.get("error")
+            or status
+        )
     return status, error
+
+
+def _run_failure(state: dict[str, Any] | None) -> str | None:
+    """What the state machine recorded on the run item when a task failed for good (RunFailed)."""
+    if not state or not state.get("failure"):
+        return None
+    try:
+        failure = json.loads(state["failure"])
+    except ValueError:
+        return str(state["failure"])
+    return f"{failure.get('Error')}: {failure.get('Cause')}" if isinstance(failure, dict) else str(failure)
 
 
 def _round_row(

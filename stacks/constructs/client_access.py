@@ -41,10 +41,17 @@ _OWN_PREFIX_REASON = (
 
 
 class SameAccountTrust(pydantic.BaseModel):
-    """Any principal of this account that is allowed to ``sts:AssumeRole`` it (the default)."""
+    """Principals of this account: the named IAM roles and users, or (none named, the default) any
+    principal of the account whose own policy allows ``sts:AssumeRole`` on the client's role."""
 
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
     kind: Literal["same-account"] = "same-account"
+    principals: tuple[
+        Annotated[
+            str, pydantic.StringConstraints(pattern=r"^arn:aws[a-z-]*:iam::\d{12}:(role|user)/[\w+=,.@/-]+$")
+        ],
+        ...,
+    ] = ()
 
 
 class AccountTrust(pydantic.BaseModel):
@@ -202,6 +209,8 @@ class ClientAccess(Construct):
                     "StringEquals": {"aws:PrincipalTag/x509Subject/CN": trust.certificate_cn or client_id},
                 }
             )
+        if trust.principals:
+            return iam.CompositePrincipal(*(iam.ArnPrincipal(arn) for arn in trust.principals))
         return iam.AccountRootPrincipal()
 
 

@@ -177,6 +177,40 @@ def test_a_client_that_never_answers_without_a_quorum_fails_the_run_with_the_rea
     assert summary.rounds == []
 
 
+def test_the_state_machine_retries_throttled_dynamodb_and_sns_calls_and_the_run_succeeds(
+    tmp_path: Path, fault_free: dict[str, np.ndarray]
+) -> None:
+    # GIVEN the state machine's first two DynamoDB PutItem calls (InitRun) and first two SNS
+    # Publish calls (round 1's "model ready") are throttled, as the services would
+    summary = run(tmp_path, "sfn:dynamodb:PutItem:2", "sfn:sns:Publish:2")
+
+    # THEN its Retry absorbs them and the run ends with the fault-free model
+    injected = re.findall(r"the state machine's (\w+ \w+) call", (tmp_path / "aws.log").read_text())
+    assert injected == ["dynamodb PutItem"] * 2 + ["sns Publish"] * 2
+    assert_nothing_lost_or_doubled(summary)
+    assert_same_model(summary, fault_free)
+
+
+def test_a_state_machine_call_that_keeps_failing_fails_the_run_with_its_reason_and_tells_the_clients(
+    tmp_path: Path,
+) -> None:
+    # GIVEN every DynamoDB PutItem of the state machine after the first (InitRun) is throttled, so
+    # opening round 1 fails through all its retries
+    summary = run(tmp_path, "sfn:dynamodb:PutItem:100:1", client_runtime="process")
+
+    # THEN the run failed with the reason the state machine wrote on the run item (1 try + 6 retries)
+    assert summary.status == "FAILED" and summary.rounds == []
+    assert summary.error is not None
+    assert summary.error.startswith("DynamoDB.ProvisionedThroughputExceededException: throttled by"), (
+        summary.error
+    )
+    assert (tmp_path / "aws.log").read_text().count("fedstream fault:") == 7
+    # AND every client was told training is over (reason "failed": exit code 4)
+    assert summary.client_exit_codes == dict.fromkeys(CLIENTS, 4)
+    for client in CLIENTS:
+        assert '"reason": "failed"' in (tmp_path / "clients" / f"{client}.log").read_text()
+
+
 @pytest.mark.parametrize("aggregator", ["fedasync", "fedbuff"])
 def test_async_updates_survive_redelivery_and_throttling_with_counts_that_add_up(
     tmp_path: Path, aggregator: str

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -153,6 +154,30 @@ def test_the_default_trust_is_this_account(sync_synth: Synth):
     (statement,) = trust_statements(client_roles(sync_synth)["site-a"])
     assert statement["Principal"] == {"AWS": "arn:<AWS::Partition>:iam::<AWS::AccountId>:root"}
     assert "Condition" not in statement
+
+
+def test_same_account_trust_narrows_to_the_named_principals(tmp_path_factory: pytest.TempPathFactory):
+    from tests.infrastructure.conftest import CLIENT_TRUST, synthesize
+
+    runner = "arn:aws:iam::111122223333:role/site-a-runner"
+    operator = "arn:aws:iam::111122223333:user/ops/alice"
+    trust = {**CLIENT_TRUST, "site-a": {"kind": "same-account", "principals": [runner, operator]}}
+    synth = synthesize("sync", tmp_path_factory.mktemp("cdk-principals"), client_trust=json.dumps(trust))
+
+    (statement,) = trust_statements(client_roles(synth)["site-a"])
+    assert sorted(as_list(statement["Principal"]["AWS"])) == sorted([runner, operator])
+    assert "Condition" not in statement
+
+
+@pytest.mark.parametrize(
+    "principal", ["arn:aws:iam::111122223333:root", "arn:aws:iam::*:role/x", "site-a", "arn:aws:s3:::bucket"]
+)
+def test_a_named_principal_must_be_an_iam_role_or_user_arn(principal: str):
+    import pydantic
+    from fedstream.stacks.constructs.client_access import SameAccountTrust
+
+    with pytest.raises(pydantic.ValidationError):
+        SameAccountTrust(principals=(principal,))
 
 
 def test_another_account_must_present_the_external_id(sync_synth: Synth):

@@ -465,6 +465,18 @@ def test_sync_outputs_the_run_input_with_the_aggregators_client_settings(
     }
     assert "StateMachineArn" in outputs
     assert "StateMachineArn" not in async_synth.json["Outputs"]
+    # async: `fedstream run start` publishes version 0 with the aggregator's client settings from here
+    assert "client_settings" in json.loads(async_synth.json["Outputs"]["RunInputDefaults"]["Value"])
+
+
+def test_the_outputs_load_as_a_deployment_for_the_run_commands(synth: Synth):
+    from fedstream.runs import Deployment
+
+    outputs = {name: render(output["Value"]) for name, output in synth.json["Outputs"].items()}
+    deployment = Deployment.from_outputs(outputs)
+    assert deployment.mode in ("sync", "async") and deployment.aggregator
+    assert sorted(deployment.clients) == sorted(CLIENTS)
+    assert (deployment.state_machine_arn is not None) == (deployment.mode == "sync")
 
 
 STORE_DYNAMODB_CALLS = {  # boto3 call in fedstream/server/store.py -> the IAM action it needs
@@ -497,8 +509,11 @@ def test_stream_functions_may_call_on_dynamodb_exactly_what_the_store_calls(
 
     from fedstream.server import store
 
-    # Store methods the functions use (run_items_with_prefix is the local runtime's: a Query)
-    source = inspect.getsource(store.Store).replace(inspect.getsource(store.Store.run_items_with_prefix), "")
+    # Store methods the functions use (run_items_with_prefix is the local runtime's and the run
+    # commands': a Query; list_runs is `fedstream run list`'s: a Scan, with the operator's credentials)
+    source = inspect.getsource(store.Store)
+    for operator_only in (store.Store.run_items_with_prefix, store.Store.list_runs):
+        source = source.replace(inspect.getsource(operator_only), "")
     used = {action for call, action in STORE_DYNAMODB_CALLS.items() if call in source}
     used |= {"dynamodb:PutItem", "dynamodb:UpdateItem"}  # the items of transact_write_items
     assert ".transact_write_items(" in source
