@@ -1,9 +1,16 @@
 """The Lambda asset, built without Docker.
 
 ``pip install --platform manylinux_2_X_<machine> --only-binary=:all: --python-version 3.13
---target <asset>`` fetches wheels for the Lambda runtime whatever the build machine runs, then the
-``fedstream/``, ``handlers/`` and ``plugins/`` packages are copied beside them. A file dropped into
-``plugins/`` changes the asset hash, so it deploys with the next ``cdk deploy``.
+--target <asset> --require-hashes -r <lock>`` fetches wheels for the Lambda runtime whatever the
+build machine runs, then the ``fedstream/``, ``handlers/`` and ``plugins/`` packages are copied
+beside them. A file dropped into ``plugins/`` changes the asset hash, so it deploys with the next
+``cdk deploy``.
+
+The wheels are pinned, each with its sha256, in ``stacks/lambda.lock`` (``stacks/lambda-dp.lock``
+adds dp-accounting for the dp-noise aggregator): the resolved versions, for the Lambda runtime's
+Python and platform. The asset hash covers the lock's bytes, so a changed dependency redeploys,
+and pip refuses a wheel whose hash differs. ``python -m fedstream.stacks.bundling lock`` writes
+the locks again from pyproject.toml (after a change to its dependencies; a test says when).
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ from aws_cdk import aws_lambda as lambda_
 from fedstream.stacks import constants
 
 # Bump when the recipe below changes, so the asset hash changes with it.
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
+LOCKS = {False: "lambda.lock", True: "lambda-dp.lock"}  # with dp-accounting?
+_LOCK_HEADER = "# requirements: "
 _STRIPPED_DIRS = ("tests",)
 
 
@@ -78,6 +87,30 @@ def package_sources(packages: Mapping[str, str] = constants.LAMBDA_PACKAGES) -> 
     return tuple(sources)
 
 
+def lock_path(requirements: Sequence[str]) -> Path:
+    """The lock of these requirements: with or without dp-accounting."""
+    with_dp = "dp-accounting" in {_requirement_name(r) for r in requirements}
+    return Path(__file__).resolve().parent / LOCKS[with_dp]
+
+
+def locked_requirements(lock: Path) -> tuple[str, ...]:
+    """The requirements a lock was written for (its header line)."""
+    for line in lock.read_text().splitlines():
+        if line.startswith(_LOCK_HEADER):
+            return tuple(line.removeprefix(_LOCK_HEADER).split("; "))
+    return ()
+
+
+def locked_pins(lock: Path) -> dict[str, str]:
+    """name -> pinned version of every wheel in a lock."""
+    pins = {}
+    for line in lock.read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, rest = line.partition("==")
+            pins[name.strip().lower()] = rest.split()[0]
+    return pins
+
+
 @dataclass(frozen=True)
 class LambdaAssetSpec:
     """What goes into the asset; its fingerprint is the asset hash."""
@@ -106,27 +139,60 @@ class LambdaAssetSpec:
                 if path.is_file() and path.suffix not in {".pyc", ".pyo"} and path.name != ".DS_Store":
                     yield f"{destination}/{relative.as_posix()}", path
 
+    @property
+    def lock(self) -> Path:
+        return lock_path(self.requirements)
+
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
         for part in (RECIPE_VERSION, self.python_version, self.machine, *self.requirements):
             digest.update(part.encode() + b"\0")
+        digest.update(self.lock.read_bytes())  # the resolved versions and their hashes
         for name, path in self.source_files():
             digest.update(name.encode() + b"\0")
             digest.update(hashlib.sha256(path.read_bytes()).digest())
         return digest.hexdigest()
 
-    def pip_command(self, target: Path) -> list[str]:
+    def _platform_arguments(self) -> list[str]:
         platforms = [arg for tag in pip_platforms(self.machine) for arg in ("--platform", tag)]
         return [
-            sys.executable, "-m", "pip", "install",
-            "--quiet", "--disable-pip-version-check", "--no-compile", "--no-warn-conflicts",
-            "--target", str(target),
             *platforms,
             "--implementation", "cp",
             "--python-version", self.python_version,
             "--only-binary=:all:",
-            *self.requirements,
         ]  # fmt: skip
+
+    def pip_command(self, target: Path) -> list[str]:
+        return [
+            sys.executable, "-m", "pip", "install",
+            "--quiet", "--disable-pip-version-check", "--no-compile", "--no-warn-conflicts",
+            "--target", str(target),
+            *self._platform_arguments(),
+            "--require-hashes", "--no-deps", "-r", str(self.lock),
+        ]  # fmt: skip
+
+    def write_lock(self, work: Path) -> Path:
+        """Resolve the requirements for the Lambda runtime (``pip download``) and pin every wheel
+        with its sha256 in :attr:`lock`."""
+        command = [
+            sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+            "--dest", str(work), *self._platform_arguments(), *self.requirements,
+        ]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise BundlingError(f"pip could not resolve the Lambda dependencies:\n{result.stderr.strip()}")
+        lines = [
+            "# The Lambda asset's wheels, pinned with their hashes, for "
+            f"CPython {self.python_version} on manylinux {self.machine}.",
+            "# Written by `python -m fedstream.stacks.bundling lock`; do not edit.",
+            _LOCK_HEADER + "; ".join(self.requirements),
+        ]
+        for wheel in sorted(work.glob("*.whl"), key=lambda p: p.name.lower()):
+            name, version = wheel.name.split("-")[:2]
+            name = name.lower().replace("_", "-")
+            lines.append(f"{name}=={version} --hash=sha256:{hashlib.sha256(wheel.read_bytes()).hexdigest()}")
+        self.lock.write_text("\n".join(lines) + "\n")
+        return self.lock
 
 
 def build_lambda_asset(spec: LambdaAssetSpec, output_dir: Path) -> Path:
@@ -197,8 +263,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m fedstream.stacks.bundling OUT_DIR [AGGREGATOR]``: build the asset outside CDK
     (for CI caches)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if args == ["lock"]:
+        import tempfile
+
+        for aggregator in ("fedavg", "dp-noise"):
+            with tempfile.TemporaryDirectory() as work:
+                lock = LambdaAssetSpec.for_aggregator(aggregator).write_lock(Path(work))
+            print(f"{lock}: {len(locked_pins(lock))} wheels")
+        return 0
     if not args:
-        print("usage: python -m fedstream.stacks.bundling OUT_DIR [AGGREGATOR]", file=sys.stderr)
+        print("usage: python -m fedstream.stacks.bundling OUT_DIR [AGGREGATOR] | lock", file=sys.stderr)
         return 2
     spec = LambdaAssetSpec.for_aggregator(args[1] if len(args) > 1 else "fedavg")
     out = build_lambda_asset(spec, Path(args[0]))

@@ -24,6 +24,8 @@ from fedstream.stacks.bundling import (
     directory_size,
     lambda_code,
     lambda_requirements,
+    locked_pins,
+    locked_requirements,
     package_sources,
     pip_platforms,
 )
@@ -53,9 +55,43 @@ def test_pip_targets_every_manylinux_the_lambda_glibc_runs():
 
 
 def test_the_pip_command_builds_wheels_for_the_lambda_runtime(tmp_path: Path):
-    command = LambdaAssetSpec.for_aggregator("fedavg").pip_command(tmp_path)
+    spec = LambdaAssetSpec.for_aggregator("fedavg")
+    command = spec.pip_command(tmp_path)
     assert command[command.index("--python-version") + 1] == constants.LAMBDA_PYTHON_VERSION
     assert "--only-binary=:all:" in command and command[command.index("--target") + 1] == str(tmp_path)
+    # exactly the locked wheels, each checked against its hash
+    assert {"--require-hashes", "--no-deps"} <= set(command)
+    assert command[command.index("-r") + 1] == str(spec.lock) and spec.lock.name == "lambda.lock"
+    assert LambdaAssetSpec.for_aggregator("dp-noise").lock.name == "lambda-dp.lock"
+
+
+@pytest.mark.parametrize("aggregator", ["fedavg", "dp-noise"])
+def test_the_lock_is_current_and_pins_every_requirement_with_a_hash(aggregator: str):
+    from packaging.requirements import Requirement
+
+    spec = LambdaAssetSpec.for_aggregator(aggregator)
+    assert locked_requirements(spec.lock) == spec.requirements, (
+        "pyproject.toml's dependencies changed: run `python -m fedstream.stacks.bundling lock`"
+    )
+    pins = locked_pins(spec.lock)
+    for text in spec.requirements:
+        requirement = Requirement(text)
+        assert requirement.name.lower() in pins, requirement.name
+        assert requirement.specifier.contains(pins[requirement.name.lower()]), text
+    wheels = [line for line in spec.lock.read_text().splitlines() if not line.startswith("#")]
+    assert len(wheels) == len(pins) and all(" --hash=sha256:" in line for line in wheels)
+
+
+def test_a_changed_lock_changes_the_asset_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from fedstream.stacks import bundling
+
+    spec = LambdaAssetSpec.for_aggregator("fedavg")
+    before = spec.fingerprint()
+    lock = tmp_path / "lambda.lock"
+    lock.write_text(spec.lock.read_text().replace("numpy==", "numpy==0", 1))
+    monkeypatch.setattr(bundling, "lock_path", lambda requirements: lock)
+
+    assert spec.fingerprint() != before
 
 
 def copy_sources(root: Path) -> tuple[tuple[str, Path], ...]:
