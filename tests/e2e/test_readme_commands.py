@@ -24,9 +24,14 @@ PROGRAMS = ("fedstream", ".venv/bin/fedstream")
 
 
 def readme_blocks() -> list[list[list[str]]]:
-    """The ``fedstream`` commands of each ```sh block (continuation lines joined, comments dropped)."""
+    """The ``fedstream`` commands of each ```sh block (continuation lines joined, comments dropped).
+
+    A block marked ``<!-- several terminals ... -->`` (a server, clients and commands at once) is
+    left to the end-to-end test it names.
+    """
     blocks = []
-    for body in re.findall(r"```(?:sh|bash)\n(.*?)```", README.read_text(), re.S):
+    text = re.sub(r"<!-- several terminals[^>]*-->\n```sh\n.*?```", "", README.read_text(), flags=re.S)
+    for body in re.findall(r"```(?:sh|bash)\n(.*?)```", text, re.S):
         commands = [
             tokens[1:]
             for line in body.replace("\\\n", " ").splitlines()
