@@ -369,25 +369,6 @@ def run(args: argparse.Namespace) -> int:
 
     check_arguments(args)
     run_id = new_run_id()
-    if args.serve:
-        from fedstream.local.serve import ServeConfig, serve_local
-
-        return serve_local(
-            ServeConfig(
-                out=args.out or fresh_run_folder(Path("runs"), run_id.replace("run-", "serve-", 1)),
-                mode=args.mode,
-                aggregator=args.aggregator,
-                params=parse_params(args.param),
-                clients=args.clients,
-                rounds=args.rounds,
-                min_clients=args.min_clients,
-                round_timeout=args.round_timeout,
-                target_accuracy=args.target_accuracy,
-                seed=args.seed,
-                bounds=parse_bounds(args.bound, off=args.no_bounds),
-                verbose=args.verbose,
-            )
-        )
     stragglers, factor = args.stragglers or (0, 1.0)
     bounds = parse_bounds(args.bound, off=args.no_bounds)
     try:
@@ -408,7 +389,8 @@ def run(args: argparse.Namespace) -> int:
         straggler_factor=factor,
         target_accuracy=args.target_accuracy,
         seed=args.seed,
-        out=args.out or fresh_run_folder(Path("runs"), run_id),
+        out=args.out
+        or fresh_run_folder(Path("runs"), run_id.replace("run-", "serve-" if args.serve else "run-", 1)),
         run_id=run_id,
         trainer=args.trainer,
         epochs=args.epochs,
@@ -424,5 +406,9 @@ def run(args: argparse.Namespace) -> int:
         attackers=attackers,
         verbose=args.verbose,
     )
+    if args.serve:
+        from fedstream.local.serve import serve_local
+
+        return serve_local(config)
     summary = run_local(config)
     return {"SUCCEEDED": 0, "INTERRUPTED": 130}.get(summary.status, 1)

@@ -441,6 +441,19 @@ class Resources:
     stream_arn: str
     state_machine_arn: str | None
 
+    def handler_settings(self, mode: str, **fields: Any) -> Any:
+        """The functions' settings on these resources (what the stack sets in their environment)."""
+        from fedstream.settings import HandlerSettings
+
+        return HandlerSettings(
+            mode=mode,  # type: ignore[arg-type]
+            bucket=self.bucket,
+            run_table=self.run_table,
+            updates_table=self.updates_table,
+            topic_arn=self.topic_arn,
+            **fields,
+        )
+
 
 def state_machine_definition(topic_arn: str, run_table: str, finalize_queue_url: str) -> str:
     """The stack's definition with its substitutions filled in, exactly as CDK would."""

@@ -216,7 +216,6 @@ def run_local(config: LocalRunConfig) -> RunSummary:
             log.unlink()
     (out / "clients").mkdir(exist_ok=True)
     run_id = config.run_id or new_run_id()
-    min_clients = config.min_clients or config.clients
     live = _Live()
 
     with contextlib.ExitStack() as stack:
@@ -247,19 +246,7 @@ def run_local(config: LocalRunConfig) -> RunSummary:
         started, started_at = time.monotonic(), time.time()
         try:
             resources = create_resources(aws, f"fedstream-{run_id[-6:]}", client_ids, config.mode)
-            settings = HandlerSettings(
-                mode=config.mode,
-                bucket=resources.bucket,
-                run_table=resources.run_table,
-                updates_table=resources.updates_table,
-                topic_arn=resources.topic_arn,
-                aggregator=config.aggregator,
-                aggregator_params=config.params,
-                client_ids=tuple(client_ids),
-                min_clients=min_clients,
-                seed=config.seed,
-                bounds=config.bounds,
-            )
+            settings = handler_settings(config, resources, client_ids)
             stack.enter_context(_environment(settings.to_env()))  # what the handlers read, as in Lambda
             handler_store = store_for(HandlerSettings.from_env())  # the Store the handlers will use
             stack.callback(_forget_store, handler_store)  # and with it the fault hooks on its clients
@@ -402,36 +389,39 @@ class _Live:
 
 
 @contextlib.contextmanager
-def _termination_interrupts() -> Iterator[None]:
-    """SIGTERM and SIGHUP end the run as Ctrl-C does (outputs kept), on the main thread only."""
+def _signal_handlers(handler: Any, *signums: int) -> Iterator[None]:
+    """``handler`` for these signals during the block, then the handlers before it (main thread only:
+    elsewhere Python cannot set them, and the block runs unchanged)."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    before = {signum: signal.signal(signum, handler) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, previous in before.items():
+            signal.signal(signum, previous)
+
+
+def _termination_interrupts() -> contextlib.AbstractContextManager[None]:
+    """SIGTERM and SIGHUP end the run as Ctrl-C does (outputs kept)."""
+    import signal
 
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    before = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for signum, handler in before.items():
-            signal.signal(signum, handler)
+    return _signal_handlers(interrupt, signal.SIGTERM, signal.SIGHUP)
 
 
-@contextlib.contextmanager
-def _exit_on_second_interrupt(clients: dict[str, Client], aws: EmbeddedAWS) -> Iterator[None]:
+def _exit_on_second_interrupt(
+    clients: dict[str, Client], aws: EmbeddedAWS
+) -> contextlib.AbstractContextManager[None]:
     """While an interrupted run shuts down, another Ctrl-C kills the clients and the embedded AWS
     and exits with 130 at once (its outputs are not written)."""
     import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
 
     def exit_now(signum: int, frame: Any) -> None:
         for client in clients.values():
@@ -443,12 +433,20 @@ def _exit_on_second_interrupt(clients: dict[str, Client], aws: EmbeddedAWS) -> I
         sys.__stderr__.flush()
         os._exit(130)
 
-    before = {signum: signal.signal(signum, exit_now) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for signum, handler in before.items():
-            signal.signal(signum, handler)
+    return _signal_handlers(exit_now, signal.SIGINT, signal.SIGTERM)
+
+
+def handler_settings(config: LocalRunConfig, resources: Resources, client_ids: list[str]) -> HandlerSettings:
+    """The functions' settings for ``config`` on ``resources`` (what a deployment sets)."""
+    return resources.handler_settings(
+        config.mode,
+        aggregator=config.aggregator,
+        aggregator_params=config.params,
+        client_ids=tuple(client_ids),
+        min_clients=config.min_clients or config.clients,
+        seed=config.seed,
+        bounds=config.bounds,
+    )
 
 
 def _end_interrupted_run(aws: EmbeddedAWS, settings: HandlerSettings, run_id: str, live: _Live) -> None:

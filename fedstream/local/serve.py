@@ -14,42 +14,24 @@ import contextlib
 import json
 import sys
 import threading
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-from fedstream.bounds import InfluenceBounds
 from fedstream.local.embedded import REGION, EmbeddedAWS, create_resources
 from fedstream.local.run import (
     NO_TARGET,
+    LocalRunConfig,
     _environment,
     _forget_store,
     _log_stream,
     _pollers,
     _quiet_loggers,
     _termination_interrupts,
+    handler_settings,
 )
 from fedstream.registry import default_registry
 from fedstream.server.store import store_for
 from fedstream.settings import HandlerSettings
 
 STACK_NAME = "fedstream-local"
-
-
-@dataclass
-class ServeConfig:
-    out: Path
-    mode: str = "sync"
-    aggregator: str = "fedavg"
-    params: dict[str, Any] | None = None
-    clients: int = 3
-    rounds: int = 3
-    min_clients: int | None = None
-    round_timeout: int = 300
-    target_accuracy: float | None = None
-    seed: int = 0
-    bounds: InfluenceBounds | None = None
-    verbose: bool = False
 
 
 def client_output_name(client_id: str) -> str:
@@ -59,14 +41,16 @@ def client_output_name(client_id: str) -> str:
 
 
 def serve_local(
-    config: ServeConfig, ready: threading.Event | None = None, stop: threading.Event | None = None
+    config: LocalRunConfig, ready: threading.Event | None = None, stop: threading.Event | None = None
 ) -> int:
-    """Serve until Ctrl-C (or ``stop`` is set); ``ready`` is set once the outputs are written."""
+    """Serve ``config``'s deployment (mode, aggregator, clients, and rounds and quorum as run
+    defaults; its clients and run are not started) until Ctrl-C, or until ``stop`` is set;
+    ``ready`` is set once the outputs are written."""
     registry = default_registry()
     client_ids = [f"site-{i + 1}" for i in range(config.clients)]
     min_clients = config.min_clients or config.clients
     aggregator = registry.create(
-        config.aggregator, config.params or {}, seed=config.seed, mode=config.mode, num_clients=config.clients
+        config.aggregator, config.params, seed=config.seed, mode=config.mode, num_clients=config.clients
     )
     out = config.out
     (out / "clients").mkdir(parents=True, exist_ok=True)
@@ -78,19 +62,7 @@ def serve_local(
         aws = stack.enter_context(EmbeddedAWS(log_path=None if config.verbose else out / "aws.log"))
         stack.enter_context(_log_stream(out / "logs.jsonl"))
         resources = create_resources(aws, "fedstream-serve", client_ids, config.mode)
-        settings = HandlerSettings(
-            mode=config.mode,  # type: ignore[arg-type]
-            bucket=resources.bucket,
-            run_table=resources.run_table,
-            updates_table=resources.updates_table,
-            topic_arn=resources.topic_arn,
-            aggregator=config.aggregator,
-            aggregator_params=config.params or {},
-            client_ids=tuple(client_ids),
-            min_clients=min_clients,
-            seed=config.seed,
-            bounds=config.bounds or InfluenceBounds(),
-        )
+        settings = handler_settings(config, resources, client_ids)
         stack.enter_context(_environment(settings.to_env()))
         stack.callback(_forget_store, store_for(HandlerSettings.from_env()))
         for poller in _pollers(aws, resources, config.mode):
