@@ -160,16 +160,44 @@ class _Evaluator:
         return self.trainer.evaluate(weights) if self.trainer else {}
 
 
+class _JsonLines(logging.Formatter):
+    """The local runtime's own records (pollers, fault injection) as JSON lines beside the handlers'."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "timestamp": self.formatTime(record),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
 @contextlib.contextmanager
-def _log_stream(path: Path) -> Iterator[IO[str]]:
-    """Route stdout (Powertools JSON logs and EMF metrics) to a file; keep the real one for the view."""
+def _log_stream(path: Path, *, verbose: bool = False) -> Iterator[IO[str]]:
+    """Route stdout (Powertools JSON logs and EMF metrics) to a file; keep the real one for the view.
+
+    The runtime's own log (``fedstream.local``: a handler invocation that raised and is retried, a
+    dead letter) goes there too, as JSON lines, not to the terminal (``verbose``: both).
+    """
     real = sys.stdout
+    runtime = logging.getLogger("fedstream.local")
     with path.open("a", buffering=1) as stream:
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(_JsonLines())
+        runtime.addHandler(handler)
+        if verbose:
+            runtime.addHandler(loud := logging.StreamHandler(sys.stderr))
         sys.stdout = stream
         try:
             yield real
         finally:
             sys.stdout = real
+            runtime.removeHandler(handler)
+            if verbose:
+                runtime.removeHandler(loud)
 
 
 def run_local(config: LocalRunConfig) -> RunSummary:
@@ -229,7 +257,7 @@ def run_local(config: LocalRunConfig) -> RunSummary:
                 state_machine_faults=plan.state_machine_faults,
             )
         )
-        console_stream = stack.enter_context(_log_stream(out / "logs.jsonl"))
+        console_stream = stack.enter_context(_log_stream(out / "logs.jsonl", verbose=config.verbose))
         progress = Progress(console_stream, config, client_ids, enabled=config.progress)
         close_progress = _once(progress.close)
         stack.callback(close_progress)

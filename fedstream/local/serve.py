@@ -60,7 +60,7 @@ def serve_local(
             stack.enter_context(_quiet_loggers("moto", "werkzeug", "botocore", "urllib3"))
         stack.enter_context(_termination_interrupts())
         aws = stack.enter_context(EmbeddedAWS(log_path=None if config.verbose else out / "aws.log"))
-        stack.enter_context(_log_stream(out / "logs.jsonl"))
+        stack.enter_context(_log_stream(out / "logs.jsonl", verbose=config.verbose))
         resources = create_resources(aws, "fedstream-serve", client_ids, config.mode)
         settings = handler_settings(config, resources, client_ids)
         stack.enter_context(_environment(settings.to_env()))

@@ -230,3 +230,31 @@ def test_async_updates_survive_redelivery_and_throttling_with_counts_that_add_up
     assert summary.rejected["duplicate"] >= stream["redelivered"]
     assert summary.faults_injected["throttle:dynamodb:TransactWriteItems"] == 3
     assert all(stats["dead_letters"] == 0 for stats in summary.handlers.values())
+
+
+def test_a_handler_fault_is_logged_in_the_runs_logs_not_printed_on_the_terminal(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    # GIVEN `fedstream local` as a user runs it, with DynamoDB GetItem answering 500 more often than
+    # the SDK retries, so a handler invocation raises and the poller retries it
+    command = [
+        sys.executable, "-m", "fedstream.cli", "local", "--trainer", "numpy", "--dataset", "digits",
+        "--clients", "2", "--rounds", "1", "--no-progress", "--out", str(tmp_path / "run"),
+        "--fault", "error:dynamodb:GetItem:6",
+    ]  # fmt: skip
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+    # THEN the run succeeds, the terminal shows no traceback, and logs.jsonl has the runtime's record
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    records = [json.loads(line) for line in (tmp_path / "run" / "logs.jsonl").read_text().splitlines()]
+    retried = [r for r in records if r.get("logger") == "fedstream.local"]
+    assert retried and all(r["level"] == "ERROR" and " raised; " in r["message"] for r in retried)
+    assert all("InternalServerError" in r["exception"] for r in retried)
