@@ -12,48 +12,23 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.e2e.processes import AS_IN_A_TERMINAL, alive, descendants, kill_everything
 
 pytestmark = pytest.mark.e2e
 
 SMALL = ["--trainer", "numpy", "--dataset", "digits", "--clients", "3", "--no-progress"]
 
 
-def descendants(pid: int) -> set[int]:
-    """Every live process below ``pid``, from /proc."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if fields[0] != "Z":
-                parents[int(entry.name)] = int(fields[1])
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return state[state.rindex(")") + 2] != "Z"
-
-
 def start(out: Path, *arguments: str) -> subprocess.Popen[bytes]:
     """``fedstream local`` as its own process group, as a shell starts a foreground job."""
     return subprocess.Popen(
-        [sys.executable, "-m", "fedstream.cli", "local", "--out", str(out), *SMALL, *arguments],
+        [*AS_IN_A_TERMINAL, "local", "--out", str(out), *SMALL, *arguments],
         stdout=(out.parent / "stdout.txt").open("wb"),
         stderr=(out.parent / "stderr.txt").open("wb"),
         start_new_session=True,
@@ -70,6 +45,15 @@ def wait_for_line(process: subprocess.Popen[bytes], path: Path, prefix: str) -> 
     raise AssertionError(f"no line {prefix!r} in {path}")
 
 
+@pytest.fixture
+def started() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """The runs a test starts; whatever of them is left when it ends (a failed test) is killed."""
+    processes: list[subprocess.Popen[bytes]] = []
+    yield processes
+    for process in processes:
+        kill_everything(process)
+
+
 @pytest.mark.parametrize(
     ("mode", "arguments", "first_line"),
     [
@@ -78,11 +62,12 @@ def wait_for_line(process: subprocess.Popen[bytes], path: Path, prefix: str) -> 
     ],
 )
 def test_ctrl_c_stops_every_process_and_keeps_what_was_measured(
-    tmp_path: Path, mode: str, arguments: list[str], first_line: str
+    tmp_path: Path, started: list[subprocess.Popen[bytes]], mode: str, arguments: list[str], first_line: str
 ) -> None:
     # GIVEN a run well under way (sync: two rounds closed; async: a version evaluated)
     out = tmp_path / "run"
     process = start(out, "--mode", mode, *arguments)
+    started.append(process)
     wait_for_line(process, tmp_path / "stdout.txt", first_line)
     children = descendants(process.pid)
     assert len(children) >= 4  # the embedded AWS and three clients
@@ -112,10 +97,13 @@ def test_ctrl_c_stops_every_process_and_keeps_what_was_measured(
     assert "INTERRUPTED" in stdout and "metrics.json" in stdout
 
 
-def test_a_second_ctrl_c_exits_at_once_and_leaves_no_process(tmp_path: Path) -> None:
+def test_a_second_ctrl_c_exits_at_once_and_leaves_no_process(
+    tmp_path: Path, started: list[subprocess.Popen[bytes]]
+) -> None:
     # GIVEN a run whose shutdown after a first Ctrl-C has begun
     out = tmp_path / "run"
     process = start(out, "--mode", "sync", "--rounds", "1000")
+    started.append(process)
     wait_for_line(process, tmp_path / "stdout.txt", "round 1:")
     children = descendants(process.pid)
     os.killpg(process.pid, signal.SIGINT)

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.e2e.processes import AS_IN_A_TERMINAL, kill_everything
+
 pytestmark = pytest.mark.e2e
 
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
@@ -43,7 +45,7 @@ def serve(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
     """``fedstream local --serve`` with the test's arguments; yields its outputs file."""
     out = tmp_path / "server"
     server = subprocess.Popen(
-        [sys.executable, "-m", "fedstream.cli", "local", "--serve", "--out", str(out), *request.param],
+        [*AS_IN_A_TERMINAL, "local", "--serve", "--out", str(out), *request.param],
         env=ENV,
         stdout=(tmp_path / "serve.out").open("w"),
         stderr=(tmp_path / "serve.err").open("w"),
@@ -55,16 +57,28 @@ def serve(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
         time.sleep(0.2)
     try:
         yield out / "outputs.json"
-    finally:
         os.killpg(server.pid, signal.SIGINT)  # Ctrl-C, as in its terminal
         code = server.wait(timeout=120)
         errors = (tmp_path / "serve.err").read_text()
         assert code == 0 and "Traceback" not in errors, errors
+    finally:
+        kill_everything(server)  # after a failure: nothing is left running
 
 
-def start_clients(outputs: Path, trainer: str, count: int) -> list[subprocess.Popen[bytes]]:
+@pytest.fixture
+def clients() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """The client processes a test starts; any still running at its end are killed."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for client in started:
+        kill_everything(client)
+
+
+def start_clients(
+    outputs: Path, trainer: str, count: int, started: list[subprocess.Popen[bytes]]
+) -> list[subprocess.Popen[bytes]]:
     configs = outputs.parent / "clients"
-    return [
+    started += [
         subprocess.Popen(
             [
                 sys.executable, "-m", "fedstream.cli", "client",
@@ -79,6 +93,7 @@ def start_clients(outputs: Path, trainer: str, count: int) -> list[subprocess.Po
         )
         for index in range(count)
     ]  # fmt: skip
+    return started
 
 
 def digits_test_accuracy(model_path: Path) -> float:
@@ -93,9 +108,11 @@ def digits_test_accuracy(model_path: Path) -> float:
 
 
 @pytest.mark.parametrize("serve", [["--mode", "sync", "--clients", "2", "--rounds", "2"]], indirect=True)
-def test_a_sync_run_started_watched_and_exported_with_the_run_commands(serve: Path, tmp_path: Path) -> None:
+def test_a_sync_run_started_watched_and_exported_with_the_run_commands(
+    serve: Path, tmp_path: Path, clients: list[subprocess.Popen[bytes]]
+) -> None:
     # GIVEN a served sync deployment and two Keras clients started from their config files
-    clients = start_clients(serve, "keras", 2)
+    start_clients(serve, "keras", 2, clients)
     outputs = ["--outputs", str(serve)]
 
     # WHEN a run is started from version 0 of the Keras model and watched to its end
@@ -133,9 +150,11 @@ def test_a_sync_run_started_watched_and_exported_with_the_run_commands(serve: Pa
     "serve", [["--mode", "async", "--aggregator", "fedbuff", "--param", "buffer_size=2", "--clients", "3"]],
     indirect=True,
 )  # fmt: skip
-def test_an_async_run_and_a_run_stopped_by_the_operator(serve: Path, tmp_path: Path) -> None:
+def test_an_async_run_and_a_run_stopped_by_the_operator(
+    serve: Path, tmp_path: Path, clients: list[subprocess.Popen[bytes]]
+) -> None:
     # GIVEN a served async deployment (FedBuff, K = 2) and three clients
-    clients = start_clients(serve, "numpy", 3)
+    start_clients(serve, "numpy", 3, clients)
     outputs = ["--outputs", str(serve)]
 
     # WHEN a run of 12 updates is started and watched
