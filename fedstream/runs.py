@@ -194,7 +194,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     watch.set_defaults(func=watch_command)
 
-    stop = command("stop", "end a run now; clients are told training is complete")
+    stop = command("stop", "end a run now, and tell the clients where the topic lets the operator publish")
     stop.add_argument("run_id")
     stop.set_defaults(func=stop_command)
 

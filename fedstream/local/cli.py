@@ -120,7 +120,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         metavar="SPEC",
         help="inject a fault (repeatable): aggregate.<point>[:N], throttle:s3|dynamodb:Op[:N], "
-        "error:s3|dynamodb:Op[:N], kill:CLIENT[:ROUND], hang:CLIENT, redeliver:N",
+        "error:s3|dynamodb:Op[:N], kill:CLIENT[:ROUND], hang:CLIENT, redeliver:N, "
+        "sfn:dynamodb|sns:Op[:N[:SKIP]] (the state machine's own calls throttled)",
     )
     parser.add_argument(
         "--no-bounds",
