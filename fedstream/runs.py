@@ -289,7 +289,7 @@ def run_status(where: Deployment, run_id: str) -> dict[str, Any]:
         "version": int(state.get("version", 0)),
         "started_at": state.get("started_at"),
         "finished_at": state.get("finished_at"),
-        "finish_reason": state.get("finish_reason") or state.get("failure"),
+        "finish_reason": state.get("finish_reason") or recorded_failure(state.get("failure")),
     }
     if state.get("mode") == "sync":
         rounds = []
@@ -338,6 +338,19 @@ def run_status(where: Deployment, run_id: str) -> dict[str, Any]:
         "versions": versions,
     }
     return status
+
+
+def recorded_failure(recorded: str | None) -> str | None:
+    """The state machine's record of a failed task (``{"Error": ..., "Cause": ...}``), in one line."""
+    if not recorded:
+        return None
+    try:
+        failure = json.loads(recorded)
+    except ValueError:
+        return recorded
+    if isinstance(failure, dict):
+        return f"{failure.get('Error')}: {failure.get('Cause')}"
+    return str(failure)
 
 
 def _accuracy(metrics: dict[str, Any]) -> str:

@@ -840,6 +840,8 @@ def _watch(
     rows: list[RoundRow],
 ) -> tuple[str, str | None]:
     """Follow the execution, adding a row to ``rows`` as each round closes."""
+    from fedstream.runs import recorded_failure
+
     sfn = aws.client("stepfunctions")
     store = Store(settings, aws.session())
     status = "RUNNING"
@@ -861,22 +863,11 @@ def _watch(
         failed = store.round_item(run_id, len(rows) + 1) or {}
         error = (
             failed.get("failure")
-            or _run_failure(store.run_state(run_id))
+            or recorded_failure((store.run_state(run_id) or {}).get("failure"))
             or description.get("error")
             or status
         )
     return status, error
-
-
-def _run_failure(state: dict[str, Any] | None) -> str | None:
-    """What the state machine recorded on the run item when a task failed for good (RunFailed)."""
-    if not state or not state.get("failure"):
-        return None
-    try:
-        failure = json.loads(state["failure"])
-    except ValueError:
-        return str(state["failure"])
-    return f"{failure.get('Error')}: {failure.get('Cause')}" if isinstance(failure, dict) else str(failure)
 
 
 def _round_row(
