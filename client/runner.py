@@ -71,16 +71,16 @@ class InFlight:
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def default_session(settings: ClientSettings) -> boto3.Session:
+def default_session(region: str, endpoint_url: str | None = None) -> boto3.Session:
     """The standard credential chain; for the embedded AWS on this machine (``fedstream local
     --serve``), which takes any key, placeholder keys when the chain has none."""
     from urllib.parse import urlparse
 
-    session = boto3.Session(region_name=settings.region)
-    on_loopback = settings.endpoint_url and urlparse(settings.endpoint_url).hostname in LOOPBACK
+    session = boto3.Session(region_name=region)
+    on_loopback = endpoint_url and urlparse(endpoint_url).hostname in LOOPBACK
     if on_loopback and session.get_credentials() is None:
         return boto3.Session(
-            region_name=settings.region,
+            region_name=region,
             aws_access_key_id="embedded",
             aws_secret_access_key="embedded",  # noqa: S106 - the embedded AWS takes any key
         )
@@ -97,7 +97,7 @@ class FederatedClient:
     ) -> None:
         self.settings = settings
         self.trainer = trainer
-        session = session or default_session(settings)
+        session = session or default_session(settings.region, settings.endpoint_url)
         config = Config(retries={"mode": "standard", "max_attempts": 5})
         kwargs = {"endpoint_url": settings.endpoint_url, "config": config, "region_name": settings.region}
         self.sqs = session.client("sqs", **kwargs)

@@ -77,11 +77,10 @@ class Deployment:
         )
 
     def session(self) -> Any:
-        import boto3
+        """The operator's credentials (placeholders for the embedded AWS, as a client gets)."""
+        from fedstream.client.runner import default_session
 
-        if self.endpoint_url and boto3.Session().get_credentials() is None:
-            return boto3.Session(region_name=self.region, **LOCAL_CREDENTIALS)  # the embedded AWS
-        return boto3.Session(region_name=self.region)
+        return default_session(self.region, self.endpoint_url)
 
     def client(self, service: str) -> Any:
         return self.session().client(service, endpoint_url=self.endpoint_url)
