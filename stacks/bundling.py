@@ -6,6 +6,12 @@ build machine runs, then the ``fedstream/``, ``handlers/`` and ``plugins/`` pack
 beside them. A file dropped into ``plugins/`` changes the asset hash, so it deploys with the next
 ``cdk deploy``.
 
+Then every module is byte-compiled by a CPython of the Lambda runtime's version (found by
+:func:`lambda_python`), so the runtime loads bytecode instead of compiling each import again at
+every cold start: it cannot write ``__pycache__`` into the read-only ``/var/task``. The ``.pyc``
+files are hash-based and unchecked (PEP 552): the asset's zip resets every file's time, which would
+make timestamp-based bytecode stale, and the asset never changes after it is built.
+
 The wheels are pinned, each with its sha256, in ``stacks/lambda.lock`` (``stacks/lambda-dp.lock``
 adds dp-accounting for the dp-noise aggregator): the resolved versions, for the Lambda runtime's
 Python and platform. The asset hash covers the lock's bytes, so a changed dependency redeploys,
@@ -15,8 +21,10 @@ the locks again from pyproject.toml (after a change to its dependencies; a test 
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -32,14 +40,68 @@ from aws_cdk import aws_lambda as lambda_
 from fedstream.stacks import constants
 
 # Bump when the recipe below changes, so the asset hash changes with it.
-RECIPE_VERSION = "2"
+RECIPE_VERSION = "3"
 LOCKS = {False: "lambda.lock", True: "lambda-dp.lock"}  # with dp-accounting?
 _LOCK_HEADER = "# requirements: "
 _STRIPPED_DIRS = ("tests",)
+LAMBDA_PYTHON_ENV = "FEDSTREAM_LAMBDA_PYTHON"
 
 
 class BundlingError(RuntimeError):
     """The asset could not be built; the message says which step failed and why."""
+
+
+def _python_version(python: str) -> str | None:
+    """'3.13' for a working CPython executable, else None (pyenv shims of absent versions fail)."""
+    try:
+        probe = subprocess.run(
+            [python, "-c", "import sys; print(sys.implementation.name, '%d.%d' % sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except OSError:
+        return None
+    implementation, _, version = probe.stdout.strip().partition(" ")
+    return version if probe.returncode == 0 and implementation == "cpython" else None
+
+
+def lambda_python(version: str = constants.LAMBDA_PYTHON_VERSION) -> str | None:
+    """A CPython of the Lambda runtime's version on this machine, or None.
+
+    Looked for in order: ``$FEDSTREAM_LAMBDA_PYTHON``, the interpreter running this code,
+    ``python3.13`` on PATH, and pyenv's versions.
+    """
+    candidates = [os.environ.get(LAMBDA_PYTHON_ENV, ""), sys.executable]
+    candidates.append(shutil.which(f"python{version}") or "")
+    pyenv_root = os.environ.get("PYENV_ROOT", str(Path.home() / ".pyenv"))
+    candidates += sorted(glob.glob(f"{pyenv_root}/versions/{version}*/bin/python{version}"), reverse=True)
+    for candidate in dict.fromkeys(filter(None, candidates)):
+        if _python_version(candidate) == version:
+            return candidate
+    return None
+
+
+def byte_compile(asset: Path, python: str) -> int:
+    """Compile every ``.py`` under ``asset`` to unchecked hash-based ``.pyc`` with ``python``;
+    returns how many ``.pyc`` files there are."""
+    command = [
+        python,
+        "-m",
+        "compileall",
+        "-q",
+        "-j",
+        "0",
+        "--invalidation-mode",
+        "unchecked-hash",
+        str(asset),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise BundlingError(
+            f"byte-compiling the asset with {python} failed:\n{(result.stdout + result.stderr).strip()}"
+        )
+    return sum(1 for _ in asset.rglob("__pycache__/*.pyc"))
 
 
 def _requirement_name(requirement: str) -> str:
@@ -195,8 +257,18 @@ class LambdaAssetSpec:
         return self.lock
 
 
-def build_lambda_asset(spec: LambdaAssetSpec, output_dir: Path) -> Path:
-    """Install the wheels and copy the packages into ``output_dir``; returns it."""
+def build_lambda_asset(spec: LambdaAssetSpec, output_dir: Path, python: str | None = None) -> Path:
+    """Install the wheels, copy the packages into ``output_dir`` and byte-compile it all with
+    ``python`` (default: :func:`lambda_python`); returns ``output_dir``."""
+    python = python or lambda_python(spec.python_version)
+    if python is None:
+        raise BundlingError(
+            f"no CPython {spec.python_version} (the Lambda runtime's Python) on this machine to "
+            "byte-compile the asset with: install one (python.org, `pyenv install "
+            f"{spec.python_version}`, `uv python install {spec.python_version}`, or your OS's "
+            f"python{spec.python_version} package), put python{spec.python_version} on PATH or set "
+            f"{LAMBDA_PYTHON_ENV} to its path, and deploy again"
+        )
     output_dir.mkdir(parents=True, exist_ok=True)
     command = spec.pip_command(output_dir)
     result = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -216,6 +288,7 @@ def build_lambda_asset(spec: LambdaAssetSpec, output_dir: Path) -> Path:
         destination = output_dir / name
         destination.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, destination)
+    byte_compile(output_dir, python)
     return output_dir
 
 
@@ -276,8 +349,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     spec = LambdaAssetSpec.for_aggregator(args[1] if len(args) > 1 else "fedavg")
     out = build_lambda_asset(spec, Path(args[0]))
+    compiled = sum(1 for _ in out.rglob("__pycache__/*.pyc"))
     print(
-        f"{out}: {directory_size(out) / 2**20:.1f} MiB unzipped, requirements: {', '.join(spec.requirements)}"
+        f"{out}: {directory_size(out) / 2**20:.1f} MiB unzipped, {compiled} modules byte-compiled, "
+        f"requirements: {', '.join(spec.requirements)}"
     )
     return 0
 

@@ -6,12 +6,12 @@ Deselect the build with ``-m "not slow"``.
 from __future__ import annotations
 
 import ast
-import glob
 import importlib.util
 import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,8 +21,11 @@ from fedstream.stacks import constants
 from fedstream.stacks.bundling import (
     BundlingError,
     LambdaAssetSpec,
+    build_lambda_asset,
+    byte_compile,
     directory_size,
     lambda_code,
+    lambda_python,
     lambda_requirements,
     locked_pins,
     locked_requirements,
@@ -145,22 +148,80 @@ def test_every_handler_the_stack_names_exists(handler: str):
     assert function in names
 
 
-def lambda_python() -> str | None:
-    """A local CPython of the Lambda runtime's version, to import the built asset with."""
-    version = constants.LAMBDA_PYTHON_VERSION
-    candidates = [os.environ.get("FEDSTREAM_LAMBDA_PYTHON", ""), shutil.which(f"python{version}") or ""]
-    pyenv_root = os.environ.get("PYENV_ROOT", str(Path.home() / ".pyenv"))
-    candidates += sorted(glob.glob(f"{pyenv_root}/versions/{version}*/bin/python{version}"), reverse=True)
-    for candidate in filter(None, candidates):
-        probe = subprocess.run(
-            [candidate, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if probe.returncode == 0 and probe.stdout.strip() == version:
-            return candidate
-    return None
+LAMBDA_PYTHON = lambda_python()
+needs_lambda_python = pytest.mark.skipif(
+    LAMBDA_PYTHON is None,
+    reason=f"no local CPython {constants.LAMBDA_PYTHON_VERSION} to compile and run with",
+)
+PYC_TAG = "cpython-" + constants.LAMBDA_PYTHON_VERSION.replace(".", "")
+
+
+def pyc_of(module: Path) -> Path:
+    return module.parent / "__pycache__" / f"{module.stem}.{PYC_TAG}.pyc"
+
+
+def test_the_lambda_python_is_taken_from_the_environment_only_if_its_version_matches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # GIVEN FEDSTREAM_LAMBDA_PYTHON pointing at the interpreter running the tests
+    monkeypatch.setenv("FEDSTREAM_LAMBDA_PYTHON", sys.executable)
+    here = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    # THEN it is the Lambda Python for its own version, and not for another one
+    assert lambda_python(here) == sys.executable
+    assert lambda_python("3.99") is None
+    # AND a path that is not a Python is passed over, not fatal
+    monkeypatch.setenv("FEDSTREAM_LAMBDA_PYTHON", str(tmp_path / "no-such-python"))
+    assert lambda_python("3.99") is None
+
+
+def test_without_the_lambda_python_the_build_stops_and_says_how_to_get_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from fedstream.stacks import bundling
+
+    monkeypatch.setattr(bundling, "lambda_python", lambda version: None)
+    with pytest.raises(BundlingError, match=r"no CPython 3\.\d+ .*FEDSTREAM_LAMBDA_PYTHON") as refused:
+        build_lambda_asset(LambdaAssetSpec(requirements=()), tmp_path / "asset")
+    assert "pyenv install" in str(refused.value)
+    assert not (tmp_path / "asset").exists()  # refused before pip ran
+
+
+@needs_lambda_python
+def test_byte_compiled_modules_load_from_bytecode_whatever_the_zip_does_to_file_times(tmp_path: Path):
+    assert LAMBDA_PYTHON is not None
+    # GIVEN an asset folder with a package
+    package = tmp_path / "asset" / "pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "mod.py").write_text("def fail():\n    raise ValueError('from the asset')\n")
+    # WHEN it is byte-compiled for the Lambda runtime
+    assert byte_compile(tmp_path / "asset", LAMBDA_PYTHON) == 2
+    # THEN each module has a hash-based pyc that the runtime never checks against the source
+    # (PEP 552 flags = 1)
+    pyc = pyc_of(package / "mod.py")
+    assert int.from_bytes(pyc.read_bytes()[4:8], "little") == 0b01
+    # AND with the sources dated 1980, as the asset's zip leaves them, the runtime still loads the
+    # bytecode (timestamp-based bytecode would be stale), and tracebacks name the source
+    for path in (package / "__init__.py", package / "mod.py"):
+        os.utime(path, (315532800, 315532800))
+    result = subprocess.run(
+        [LAMBDA_PYTHON, "-S", "-B", "-v", "-c", "import pkg.mod; pkg.mod.fail()"],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(tmp_path / "asset")},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert f"# code object from '{pyc}'" in result.stderr
+    assert f'File "{package / "mod.py"}", line 2, in fail' in result.stderr
+
+
+@needs_lambda_python
+def test_a_module_the_lambda_python_cannot_compile_fails_the_build_naming_it(tmp_path: Path):
+    assert LAMBDA_PYTHON is not None
+    (tmp_path / "broken.py").write_text("def f(:\n")
+    with pytest.raises(BundlingError, match=r"broken\.py"):
+        byte_compile(tmp_path, LAMBDA_PYTHON)
 
 
 IMPORT_PROBE = """
@@ -184,10 +245,10 @@ print(json.dumps({"handlers": imported, "aggregators": default_registry().names(
 
 
 @pytest.mark.slow
-def test_the_built_asset_imports_every_handler_on_the_lambda_python(tmp_path: Path):
-    python = lambda_python()
-    if python is None:
-        pytest.skip(f"no local CPython {constants.LAMBDA_PYTHON_VERSION} to import the asset with")
+@needs_lambda_python
+def test_the_built_asset_imports_every_handler_on_the_lambda_python_from_its_bytecode(tmp_path: Path):
+    python = LAMBDA_PYTHON
+    assert python is not None
     # GIVEN the asset built by CDK's local bundling (pip, no Docker) for the largest aggregator
     spec = LambdaAssetSpec.for_aggregator("dp-noise")
     app = App(outdir=str(tmp_path / "cdk.out"))
@@ -206,16 +267,22 @@ def test_the_built_asset_imports_every_handler_on_the_lambda_python(tmp_path: Pa
     asset = tmp_path / "cdk.out" / code["source"]["path"]
     assert (asset / "fedstream" / "handlers" / "__init__.py").is_file()
     assert directory_size(asset) < constants.LAMBDA_UNZIPPED_LIMIT_BYTES
-    # WHEN every handler module is imported from it alone (-S: no site-packages, a clean cwd)
+    sources = sorted(asset.rglob("*.py"))
+    assert sources and not [s for s in sources if not pyc_of(s).is_file()], "modules without bytecode"
+    # WHEN every handler module is imported from it alone (-S: no site-packages, a clean cwd, -B:
+    # nothing written), its files dated 1980 as in the asset's zip
+    for path in asset.rglob("*"):
+        os.utime(path, (315532800, 315532800), follow_symlinks=False)
     env = {
         "PATH": os.environ.get("PATH", ""),
         "PYTHONPATH": str(asset),
+        "PYTHONDONTWRITEBYTECODE": "1",
         "AWS_DEFAULT_REGION": "eu-west-1",
         "POWERTOOLS_TRACE_DISABLED": "1",
         "FEDSTREAM_DISABLE_PLUGIN_AUTOLOAD": "",
     }
     result = subprocess.run(
-        [python, "-S", "-c", IMPORT_PROBE, str(asset), json.dumps(HANDLERS)],
+        [python, "-S", "-v", "-c", IMPORT_PROBE, str(asset), json.dumps(HANDLERS)],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -229,3 +296,9 @@ def test_the_built_asset_imports_every_handler_on_the_lambda_python(tmp_path: Pa
     assert report["file"].startswith(str(asset))
     assert report["handlers"] == list(HANDLERS)
     assert {"fedavg", "fedprox", "dp-noise", "fedasync", "fedbuff"} <= set(report["aggregators"])
+    # AND every module of the asset came from its bytecode: none was compiled from source (python -v
+    # says "code object from '<pyc>'" for bytecode, "code object from <source>" for a compile)
+    loaded = [line for line in result.stderr.splitlines() if line.startswith("# code object from ")]
+    from_bytecode = [line for line in loaded if line.startswith(f"# code object from '{asset}")]
+    compiled_here = [line for line in loaded if line.startswith(f"# code object from {asset}")]
+    assert len(from_bytecode) > 300 and compiled_here == []
