@@ -47,6 +47,7 @@ def import_tensorflow() -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         if verbose():
             import tensorflow
+
             return
         with captured_stderr() as captured:
             import tensorflow  # noqa: F401
