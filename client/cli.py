@@ -73,7 +73,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         help="async: seconds to wait for the server to consume an update before training again (300)",
     )
-    parser.add_argument("--run-id", help="take part in this run only (default: the first run it trains in)")
+    parser.add_argument("--run-id", help="take part in this run only (default: the newest run on the queue)")
+    parser.add_argument(
+        "--follow",
+        action="store_true",
+        help="do not exit when the run ends: wait for the next run and take part in it (a site's service)",
+    )
     parser.add_argument("--max-idle", type=float, help="exit 3 after this many seconds without a message")
     parser.add_argument("--events", action="store_true", help="print one JSON line per step on stdout")
     parser.set_defaults(func=run_client)
@@ -112,6 +117,10 @@ def run_client(args: argparse.Namespace) -> int:
     from fedstream.client.trainers import build_trainer
 
     settings = client_settings(args)
+    if args.follow and settings.run_id is not None:
+        from fedstream.cli import CliError
+
+        raise CliError(f"--follow takes part in every run; this client is set to run {settings.run_id} only")
     trainer: Any = build_trainer(
         args.trainer,
         args.dataset,
@@ -131,6 +140,6 @@ def run_client(args: argparse.Namespace) -> int:
             line = {"event": event, "client_id": settings.client_id, "at": time.time(), **fields}
             print(json.dumps(line), flush=True)
 
-    client = FederatedClient(settings, trainer, on_event=on_event)
+    client = FederatedClient(settings, trainer, on_event=on_event, follow=args.follow)
     client.install_signal_handlers()
     return client.run(max_idle_seconds=args.max_idle)

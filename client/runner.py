@@ -11,8 +11,12 @@ ready" it hears of, without training, until a message names its update as consum
 buffered or rejected). If that word never comes (a lost message), it trains on the newest version
 it holds after ``ack_timeout_seconds``.
 
-A client takes part in one run: the one its settings name, or else the first it trains in.
-Messages of other runs (left on a queue by an earlier run) are deleted unread.
+A client takes part in one run: the one its settings name, or else the newest on its queue (by
+the time SQS received its messages). Messages of other runs (left on a queue by an earlier run)
+are deleted unread. A following client (``follow=True``, ``fedstream client --follow``: a site's
+long-running service) does not exit when its run ends: it waits for the next run and takes part
+in it. It also moves on when a run it is in goes quiet and a newer one starts, so a sync run the
+operator stopped (which cannot tell clients) does not hold it.
 """
 
 from __future__ import annotations
@@ -45,6 +49,14 @@ RECEIVE_BATCH = 10  # SQS's maximum per receive
 MAX_DRAINED = 200  # messages read before acting on them, when the queue has a backlog
 
 
+def _sent_ms(message: dict[str, Any]) -> int:
+    """When SQS received the message (epoch ms; 0 if the queue did not say)."""
+    try:
+        return int(message.get("Attributes", {}).get("SentTimestamp", 0))
+    except (TypeError, ValueError):
+        return 0
+
+
 class Stopped(Exception):
     """SIGTERM arrived while training: the message stays on the queue for redelivery."""
 
@@ -57,6 +69,7 @@ class ClientStats:
     last_version: int = -1
     ack_timeouts: int = 0
     failed_steps: int = 0  # training produced weights or metrics that could not be sent
+    runs: int = 0  # runs taken part in (trained at least once)
 
 
 @dataclass(frozen=True)
@@ -94,8 +107,10 @@ class FederatedClient:
         trainer: Any,
         session: boto3.Session | None = None,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        follow: bool = False,
     ) -> None:
         self.settings = settings
+        self.follow = follow
         self.trainer = trainer
         session = session or default_session(settings.region, settings.endpoint_url)
         config = Config(retries={"mode": "standard", "max_attempts": 5})
@@ -109,6 +124,7 @@ class FederatedClient:
         self._spec: ModelSpec | None = None
         self.in_flight: InFlight | None = None
         self.run_id: str | None = settings.run_id
+        self._run_heard_ms = 0  # SQS SentTimestamp of the newest message of run_id handled
         # The newest "model ready" heard while an update was in flight (not deleted: if this process
         # dies, the queue delivers it again).
         self._held: tuple[dict[str, Any], ModelReady] | None = None
@@ -157,6 +173,7 @@ class FederatedClient:
             MaxNumberOfMessages=RECEIVE_BATCH,
             WaitTimeSeconds=wait_seconds,
             VisibilityTimeout=self.settings.visibility_timeout,
+            AttributeNames=["SentTimestamp"],
         ).get("Messages", [])
 
     def _handle_batch(self, messages: list[dict[str, Any]]) -> int | None:
@@ -169,18 +186,28 @@ class FederatedClient:
                 self.stats.rejected_messages += 1
                 log.error("message rejected: not a fedstream message (%d errors)", exc.error_count())
                 done_with.append(message)
-        if self.run_id is not None:  # another run's message (left over on the queue): not ours
-            done_with += [m for m, p in parsed if p.run_id != self.run_id]
-            self.stats.skipped += sum(p.run_id != self.run_id for _, p in parsed)
-            parsed = [(m, p) for m, p in parsed if p.run_id == self.run_id]
+        run_id = self._run_of(parsed)
+        if run_id is not None:  # another run's message (left over on the queue): not ours
+            done_with += [m for m, p in parsed if p.run_id != run_id]
+            self.stats.skipped += sum(p.run_id != run_id for _, p in parsed)
+            parsed = [(m, p) for m, p in parsed if p.run_id == run_id]
+        if parsed and run_id == self.run_id:
+            self._run_heard_ms = max(self._run_heard_ms, *(_sent_ms(m) for m, _ in parsed))
         complete = [(m, p) for m, p in parsed if isinstance(p, TrainingComplete)]
         if complete:
             held = [self._held[0]] if self._held is not None else []
+            self._held = None
             self._delete_all(done_with + held + [message for message, _ in parsed])
             _, body = complete[0]
-            self.on_event("complete", {"reason": body.reason, "final_version": body.final_version})
-            log.info("training complete (%s)", body.reason)
-            return 0 if body.reason == "done" else 4
+            self.on_event(
+                "complete",
+                {"run_id": body.run_id, "reason": body.reason, "final_version": body.final_version},
+            )
+            log.info("run %s complete (%s)", body.run_id, body.reason)
+            if not self.follow:
+                return 0 if body.reason == "done" else 4
+            self._leave_run()
+            return None
         ready = [(m, p) for m, p in parsed if isinstance(p, ModelReady)]
         for _, body in ready:
             self._note_consumed(body)
@@ -211,6 +238,41 @@ class FederatedClient:
             return 0
         return None
 
+    def _run_of(self, parsed: list[tuple[dict[str, Any], ModelReady | TrainingComplete]]) -> str | None:
+        """The run whose messages this batch acts on; the others' are left-overs.
+
+        Before the client is in a run: the run of the message SQS received last. In a run: that run,
+        unless the client follows runs and another run's "model ready" was sent after everything it
+        heard of its own (the operator started a new run; the old one ended or was stopped).
+        """
+        if self.run_id is None:
+            if not parsed:
+                return None
+            return max(enumerate(parsed), key=lambda ip: (_sent_ms(ip[1][0]), ip[0]))[1][1].run_id
+        if self.follow and self.settings.run_id is None:
+            newer = [
+                (_sent_ms(m), p.run_id)
+                for m, p in parsed
+                if p.run_id != self.run_id and isinstance(p, ModelReady) and _sent_ms(m) > self._run_heard_ms
+            ]
+            if newer:
+                moved_to = max(newer)[1]
+                log.warning("run %s started after run %s went quiet: moving to it", moved_to, self.run_id)
+                self.on_event("left", {"run_id": self.run_id, "for": moved_to})
+                self._leave_run()
+                return moved_to
+        return self.run_id
+
+    def _leave_run(self) -> None:
+        """Forget the run this client was in, so that it takes part in the next one."""
+        if self._held is not None:
+            self._delete(self._held[0])
+        self.run_id = self.settings.run_id
+        self._run_heard_ms = 0
+        self._held = None
+        self.in_flight = None
+        self.stats.last_version = -1
+
     def _note_consumed(self, body: ModelReady) -> None:
         flight = self.in_flight
         if flight is not None and body.run_id == flight.run_id and flight.ref in body.consumed:
@@ -232,7 +294,11 @@ class FederatedClient:
 
     # ---- one step ---------------------------------------------------------------------------
     def _train_and_report(self, message: dict[str, Any], body: ModelReady) -> None:
+        if self.run_id != body.run_id:
+            self.stats.runs += 1
+            log.info("taking part in run %s", body.run_id)
         self.run_id = body.run_id
+        self._run_heard_ms = max(self._run_heard_ms, _sent_ms(message))
         global_weights = self._download_global(body)
         if global_weights is None:
             self._delete(message)

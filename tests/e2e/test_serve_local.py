@@ -75,7 +75,7 @@ def clients() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 def start_clients(
-    outputs: Path, trainer: str, count: int, started: list[subprocess.Popen[bytes]]
+    outputs: Path, trainer: str, count: int, started: list[subprocess.Popen[bytes]], *flags: str
 ) -> list[subprocess.Popen[bytes]]:
     configs = outputs.parent / "clients"
     started += [
@@ -85,7 +85,7 @@ def start_clients(
                 "--config", str(configs / f"site-{index + 1}.json"),
                 "--trainer", trainer, "--dataset", "digits",
                 "--num-clients", str(count), "--client-index", str(index),
-                "--max-idle", "300",
+                "--max-idle", "300", *flags,
             ],
             env=ENV,
             stdout=(outputs.parent / f"site-{index + 1}.log").open("w"),
@@ -150,19 +150,24 @@ def test_a_sync_run_started_watched_and_exported_with_the_run_commands(
     "serve", [["--mode", "async", "--aggregator", "fedbuff", "--param", "buffer_size=2", "--clients", "3"]],
     indirect=True,
 )  # fmt: skip
-def test_an_async_run_and_a_run_stopped_by_the_operator(
+def test_async_runs_one_after_another_with_following_clients_and_one_stopped_by_the_operator(
     serve: Path, tmp_path: Path, clients: list[subprocess.Popen[bytes]]
 ) -> None:
-    # GIVEN a served async deployment (FedBuff, K = 2) and three clients
-    start_clients(serve, "numpy", 3, clients)
+    # GIVEN a served async deployment (FedBuff, K = 2) and three clients run as a site's service
+    # would run them: following one run after another
+    start_clients(serve, "numpy", 3, clients, "--follow")
     outputs = ["--outputs", str(serve)]
 
+    def start_run(updates: int) -> str:
+        started = fedstream(
+            "run", "start", *outputs, "--trainer", "numpy", "--dataset", "digits",
+            "--updates", str(updates), cwd=tmp_path,
+        )  # fmt: skip
+        assert started.returncode == 0, started.stderr
+        return started.stdout.strip()
+
     # WHEN a run of 12 updates is started and watched
-    started = fedstream(
-        "run", "start", *outputs, "--trainer", "numpy", "--dataset", "digits", "--updates", "12", cwd=tmp_path
-    )
-    assert started.returncode == 0, started.stderr
-    run_id = started.stdout.strip()
+    run_id = start_run(12)
     watch = fedstream("run", "watch", run_id, *outputs, "--interval", "0.5", cwd=tmp_path)
 
     # THEN it succeeded after 12 applied updates in FedBuff's steps of 2: version 6, and a line per
@@ -176,29 +181,33 @@ def test_an_async_run_and_a_run_stopped_by_the_operator(
     assert [v for v, _ in published] == sorted({v for v, _ in published})
     status = json.loads(fedstream("run", "status", run_id, *outputs, "--json", cwd=tmp_path).stdout)
     assert status["counts"]["applied"] == 12 and status["staleness"]["max"] is not None
-    assert [client.wait(timeout=300) for client in clients] == [0, 0, 0]
 
     # WHEN the operator starts a second run and stops it
     second = fedstream("run", "start", *outputs, "--model", str(tmp_path / "none"), cwd=tmp_path)
     assert second.returncode == 2 and "--model" in second.stderr  # a missing file: one line
-    second = fedstream(
-        "run",
-        "start",
-        *outputs,
-        "--trainer",
-        "numpy",
-        "--dataset",
-        "digits",
-        "--updates",
-        "100",
-        cwd=tmp_path,
-    )
-    stopped = fedstream("run", "stop", second.stdout.strip(), *outputs, cwd=tmp_path)
-
-    # THEN it is STOPPED, and listed newest first
+    second_id = start_run(100)
+    stopped = fedstream("run", "stop", second_id, *outputs, cwd=tmp_path)
     assert stopped.returncode == 0, stopped.stderr
+
+    # AND then a third run
+    third_id = start_run(6)
+    watch = fedstream("run", "watch", third_id, *outputs, "--interval", "0.5", cwd=tmp_path)
+
+    # THEN the same client processes took part in it: 6 updates applied, version 3
+    assert watch.returncode == 0, watch.stdout + watch.stderr
+    assert f"{third_id}: async SUCCEEDED, version 3 (max_updates)" in watch.stdout
+    assert [client.poll() for client in clients] == [None, None, None]
+    # AND the runs are listed newest first, the stopped one STOPPED
     listing = json.loads(fedstream("run", "list", *outputs, "--json", cwd=tmp_path).stdout)
     assert [(r["run_id"], r["status"]) for r in listing] == [
-        (second.stdout.strip(), "STOPPED"),
+        (third_id, "SUCCEEDED"),
+        (second_id, "STOPPED"),
         (run_id, "SUCCEEDED"),
     ]
+    # AND each client says which runs it took part in, and stops cleanly when its service stops
+    for client in clients:
+        client.send_signal(signal.SIGTERM)
+    assert [client.wait(timeout=300) for client in clients] == [0, 0, 0]
+    logs = [(serve.parent / f"site-{index}.log").read_text() for index in (1, 2, 3)]
+    assert all(f"taking part in run {third_id}" in log for log in logs), logs
+    assert all(f"run {run_id} complete (done)" in log for log in logs), logs

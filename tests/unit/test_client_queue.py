@@ -69,14 +69,25 @@ class QueueWorld:
     queue: str
     updates_table: str
 
-    def publish(self, version: int, consumed: tuple[str, ...] = ()) -> None:
+    def publish(
+        self, version: int, consumed: tuple[str, ...] = (), run_id: str = "run-f", round: int | None = None
+    ) -> None:
         data = encode({"dense/kernel": np.full(10, version, dtype=np.float32)})
-        key = keys.global_key("run-f", version)
+        key = keys.global_key(run_id, version)
         self.aws.client("s3").put_object(Bucket=self.bucket, Key=key, Body=data)
         message = ModelReady(
-            run_id="run-f", version=version, object_key=key, sha256=sha256_hex(data), consumed=list(consumed)
+            run_id=run_id,
+            version=version,
+            round=round,
+            object_key=key,
+            sha256=sha256_hex(data),
+            consumed=list(consumed),
         )
         self.aws.client("sqs").send_message(QueueUrl=self.queue, MessageBody=message.model_dump_json())
+
+    def complete(self, run_id: str = "run-f", reason: str = "done") -> None:
+        body = TrainingComplete(run_id=run_id, reason=reason).model_dump_json()
+        self.aws.client("sqs").send_message(QueueUrl=self.queue, MessageBody=body)
 
     def queue_counts(self) -> tuple[int, int]:
         attributes = self.aws.client("sqs").get_queue_attributes(QueueUrl=self.queue, AttributeNames=["All"])
@@ -85,8 +96,12 @@ class QueueWorld:
         return int(values["ApproximateNumberOfMessages"]), int(hidden)
 
     def reported_versions(self) -> list[int]:
+        return [version for _, version in self.reported()]
+
+    def reported(self) -> list[tuple[str, int]]:
+        """(run, base version) of every update record, in order."""
         records = self.aws.client("dynamodb").scan(TableName=self.updates_table)["Items"]
-        return sorted(int(r["base_version"]["N"]) for r in records)
+        return sorted((r["run_id"]["S"], int(r["base_version"]["N"])) for r in records)
 
 
 @pytest.fixture
@@ -97,7 +112,7 @@ def queue_world() -> Iterator[QueueWorld]:
 
 
 def start_client(
-    world: QueueWorld, trainer: Any = None, **settings: Any
+    world: QueueWorld, trainer: Any = None, follow: bool = False, **settings: Any
 ) -> tuple[FederatedClient, threading.Thread]:
     client_settings = ClientSettings(
         client_id="site-1",
@@ -108,7 +123,9 @@ def start_client(
         wait_seconds=1,
         **settings,
     )
-    client = FederatedClient(client_settings, trainer or InstantTrainer(10), session=world.aws.session())
+    client = FederatedClient(
+        client_settings, trainer or InstantTrainer(10), session=world.aws.session(), follow=follow
+    )
     loop = threading.Thread(target=client.run, daemon=True)
     loop.start()
     return client, loop
@@ -122,8 +139,7 @@ def wait_for(condition: Callable[[], bool], seconds: float = 120.0) -> None:
 
 
 def finish(world: QueueWorld, loop: threading.Thread) -> None:
-    body = TrainingComplete(run_id="run-f").model_dump_json()
-    world.aws.client("sqs").send_message(QueueUrl=world.queue, MessageBody=body)
+    world.complete()
     loop.join(timeout=60)
     assert not loop.is_alive()
 
@@ -199,3 +215,75 @@ def test_an_async_client_whose_release_never_comes_trains_again_after_the_ack_ti
     finish(world, loop)
     assert world.reported_versions() == [0, 1]
     assert client.stats.ack_timeouts == 1
+
+
+def test_a_following_client_takes_part_in_each_run_in_turn(queue_world: QueueWorld) -> None:
+    # GIVEN a following client (a site's service) that trained in run A
+    world = queue_world
+    world.publish(3, run_id="run-a")
+    client, loop = start_client(world, follow=True)
+    wait_for(lambda: client.stats.trained == 1)
+
+    # WHEN run A ends
+    world.complete("run-a")
+
+    # THEN the client stays up with its queue empty
+    wait_for(lambda: world.queue_counts() == (0, 0) and client.run_id is None)
+    assert loop.is_alive()
+
+    # AND when the operator starts run B, it takes part from B's version 0 (below A's last version)
+    world.publish(0, run_id="run-b")
+    wait_for(lambda: client.stats.trained == 2)
+    assert world.reported() == [("run-a", 3), ("run-b", 0)]
+    assert (client.stats.runs, client.run_id) == (2, "run-b")
+    client.stop.set()
+    loop.join(timeout=60)
+    assert not loop.is_alive()
+
+
+@pytest.mark.parametrize("follow", [True, False], ids=["following", "one-run"])
+def test_a_sync_run_stopped_without_telling_clients_holds_only_a_client_that_does_not_follow(
+    queue_world: QueueWorld, follow: bool
+) -> None:
+    # GIVEN a client that trained in round 1 of sync run A, which the operator then stopped (a sync
+    # stack's topic admits only the state machine: the clients are not told)
+    world = queue_world
+    world.publish(0, run_id="run-a", round=1)
+    client, loop = start_client(world, follow=follow)
+    wait_for(lambda: client.stats.trained == 1)
+
+    # WHEN the operator starts run B
+    world.publish(0, run_id="run-b", round=1)
+
+    # THEN a following client moves to B and trains in it; a one-run client keeps waiting for A
+    # and deletes B's message as not its run's
+    if follow:
+        wait_for(lambda: client.stats.trained == 2)
+        assert world.reported() == [("run-a", 0), ("run-b", 0)] and client.run_id == "run-b"
+        client.stop.set()
+    else:
+        wait_for(lambda: world.queue_counts() == (0, 0) and client.stats.skipped == 1)
+        assert world.reported() == [("run-a", 0)] and client.run_id == "run-a"
+        world.complete("run-a")
+    loop.join(timeout=60)
+    assert not loop.is_alive()
+
+
+def test_a_new_client_takes_part_in_the_newest_run_on_its_queue_not_a_left_over_one(
+    queue_world: QueueWorld,
+) -> None:
+    # GIVEN a queue holding version 7 of an old run, then version 0 of the run the operator started
+    world = queue_world
+    world.publish(7, run_id="run-old")
+    time.sleep(0.01)  # SQS dates messages to the millisecond
+    world.publish(0, run_id="run-new")
+
+    # WHEN a client starts
+    client, loop = start_client(world)
+
+    # THEN it trains in the new run, though the left-over version is higher, and drops the left-over
+    wait_for(lambda: client.stats.trained == 1 and world.queue_counts() == (0, 0))
+    assert world.reported() == [("run-new", 0)] and client.stats.skipped == 1
+    world.complete("run-new")
+    loop.join(timeout=60)
+    assert not loop.is_alive()
