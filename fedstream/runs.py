@@ -373,11 +373,35 @@ def entry_line(mode: str, entry: dict[str, Any]) -> str:
     )
 
 
+def timing_line(started_at: str | None, finished_at: str | None) -> str:
+    """ "started 2026-12-02 17:25:03 UTC, finished 17:26:15 UTC (1 min 12 s)" from the run item's
+    ISO 8601 times; "" when it has none."""
+    from datetime import UTC, datetime
+
+    def parse(text: str | None) -> datetime | None:
+        try:
+            return datetime.fromisoformat(str(text)).astimezone(UTC) if text else None
+        except ValueError:
+            return None
+
+    started, finished = parse(started_at), parse(finished_at)
+    if started is None:
+        return ""
+    line = f"started {started:%Y-%m-%d %H:%M:%S} UTC"
+    if finished is not None:
+        seconds = max(0, round((finished - started).total_seconds()))
+        took = f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
+        line += f", finished {finished:%Y-%m-%d %H:%M:%S} UTC ({took})"
+    return line
+
+
 def status_lines(status: dict[str, Any]) -> list[str]:
     head = f"{status['run_id']}: {status['mode']} {status['status']}, version {status['version']}"
     if status.get("finish_reason"):
         head += f" ({status['finish_reason']})"
     lines = [head]
+    if when := timing_line(status.get("started_at"), status.get("finished_at")):
+        lines.append("  " + when)
     if status["mode"] == "async":
         counts, staleness = status["counts"], status["staleness"]
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(status["rejected_by_reason"].items()))
@@ -508,13 +532,16 @@ def stop_command(args: argparse.Namespace) -> int:
             TrainingComplete(run_id=args.run_id, reason="stopped", final_version=version).model_dump()
         )
     except Exception as exc:  # the topic's policy: in sync mode only the state machine publishes
-        told = f"clients not told ({type(exc).__name__}); they stop at their --max-idle"
+        told = (
+            f"clients not told ({type(exc).__name__}): they stop at their --max-idle, "
+            "or with --follow move on when the next run starts"
+        )
     print(f"{args.run_id}: STOPPED at version {version}; {told}")
     return 0
 
 
 def list_command(args: argparse.Namespace) -> int:
-    # newest first: by start time (async runs record it), else by the run id's own timestamp
+    # newest first: by start time (every run item records it), then by run id
     runs = sorted(
         deployment(args).store().list_runs(),
         key=lambda r: (str(r.get("started_at") or ""), str(r["run_id"])),

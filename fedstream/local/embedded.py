@@ -12,6 +12,7 @@ import sys
 import threading
 import urllib.request
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from importlib.resources import files
 from typing import Any
 
@@ -201,6 +202,31 @@ def make_sns_publish_reach_every_subscription() -> None:
     Topic._fedstream_all_subscriptions = True
 
 
+def make_execution_start_time_a_string() -> None:
+    """Give executions ``$$.Execution.StartTime`` as Step Functions does: an ISO 8601 string
+    (``2026-12-02T17:25:03.123Z``). moto's context object holds a datetime, which a ``putItem``
+    of it cannot write."""
+    from moto.stepfunctions.parser.backend.execution_worker import ExecutionWorker
+
+    if getattr(ExecutionWorker, "_fedstream_start_time_string", False):
+        return
+    original = ExecutionWorker._get_evaluation_environment
+
+    def environment(self: Any, _original: Any = original) -> Any:
+        env = _original(self)
+        execution = env.states.context_object.context_object_data["Execution"]
+        started = execution.get("StartTime")
+        if isinstance(started, datetime):
+            started = started.astimezone(UTC) if started.tzinfo else started.replace(tzinfo=UTC)
+            execution["StartTime"] = (
+                started.strftime("%Y-%m-%dT%H:%M:%S.") + f"{started.microsecond // 1000:03d}Z"
+            )
+        return env
+
+    ExecutionWorker._get_evaluation_environment = environment
+    ExecutionWorker._fedstream_start_time_string = True
+
+
 STATE_MACHINE_FAULTS_ENV = "FEDSTREAM_STATE_MACHINE_FAULTS"
 _THROTTLED = {"dynamodb": "ProvisionedThroughputExceededException", "sns": "Throttled"}
 
@@ -275,6 +301,7 @@ def serve_in_this_process() -> tuple[Any, int]:
     make_dynamodb_transactions_item_scoped()
     make_dynamodb_item_operations_atomic()
     make_sns_publish_reach_every_subscription()
+    make_execution_start_time_a_string()
     if os.environ.get(STATE_MACHINE_FAULTS_ENV):
         inject_state_machine_faults(os.environ[STATE_MACHINE_FAULTS_ENV].split(","))
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)

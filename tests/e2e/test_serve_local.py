@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -138,11 +139,14 @@ def test_a_sync_run_started_watched_and_exported_with_the_run_commands(
     assert digits_test_accuracy(tmp_path / "exported" / "model.keras") == pytest.approx(
         float(rounds[-1][1]), abs=5e-5
     )
-    # AND the run is listed, and the clients finished
+    # AND the run is listed, with when it started and ended, and the clients finished
     listing = fedstream("run", "list", *outputs, "--json", cwd=tmp_path)
     assert [(r["run_id"], r["status"], r["version"]) for r in json.loads(listing.stdout)] == [
         (run_id, "SUCCEEDED", 2)
     ]
+    status = json.loads(fedstream("run", "status", run_id, *outputs, "--json", cwd=tmp_path).stdout)
+    started_at = datetime.fromisoformat(status["started_at"])
+    assert started_at < datetime.fromisoformat(status["finished_at"]) <= datetime.now(UTC)
     assert [client.wait(timeout=300) for client in clients] == [0, 0]
 
 

@@ -78,3 +78,27 @@ def test_run_command_mistakes_are_one_line_and_exit_2(
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert fragment in err, err
+
+
+@pytest.mark.parametrize(
+    ("started", "finished", "line"),
+    [
+        # Step Functions' $$.Execution.StartTime and $$.State.EnteredTime (sync)
+        (
+            "2026-12-02T17:25:03.192Z",
+            "2026-12-02T17:26:15.900Z",
+            "started 2026-12-02 17:25:03 UTC, finished 2026-12-02 17:26:15 UTC (1 min 13 s)",
+        ),
+        # Python's isoformat (async), a run still going, and a run item without times
+        ("2026-12-02T17:25:03.192+00:00", None, "started 2026-12-02 17:25:03 UTC"),
+        (None, None, None),
+    ],
+)
+def test_run_status_says_when_a_run_started_and_how_long_it_took(
+    started: str | None, finished: str | None, line: str | None
+) -> None:
+    from fedstream.runs import status_lines
+
+    status = {"run_id": "r", "mode": "sync", "status": "SUCCEEDED", "version": 2, "rounds": []}
+    lines = status_lines(status | {"started_at": started, "finished_at": finished})
+    assert lines[1:] == ([f"  {line}"] if line else [])
