@@ -121,7 +121,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         metavar="SPEC",
         help="inject a fault (repeatable): aggregate.<point>[:N], throttle:s3|dynamodb:Op[:N], "
         "error:s3|dynamodb:Op[:N], kill:CLIENT[:ROUND], hang:CLIENT, redeliver:N, "
-        "sfn:dynamodb|sns:Op[:N[:SKIP]] (the state machine's own calls throttled)",
+        "sfn:dynamodb|sns:Op[:N[:SKIP[:lost]]] (the state machine's own calls throttled, or applied "
+        "with their answer lost)",
     )
     parser.add_argument(
         "--no-bounds",

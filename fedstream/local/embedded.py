@@ -229,6 +229,8 @@ def make_execution_start_time_a_string() -> None:
 
 STATE_MACHINE_FAULTS_ENV = "FEDSTREAM_STATE_MACHINE_FAULTS"
 _THROTTLED = {"dynamodb": "ProvisionedThroughputExceededException", "sns": "Throttled"}
+# A call the service applied whose answer never arrived: the SDK sees a server error.
+_LOST = {"dynamodb": "InternalServerErrorException", "sns": "InternalError"}
 
 
 def inject_state_machine_faults(specs: list[str]) -> None:
@@ -239,7 +241,10 @@ def inject_state_machine_faults(specs: list[str]) -> None:
     error before the request leaves botocore, ``times`` times after the first ``skip`` calls. The
     interpreter turns it into the error name a real execution sees (``DynamoDB.Provisioned
     ThroughputExceededException``, ``SNS.ThrottledException``), so the definition's Retry and
-    Catch run as on AWS. ``specs``: ``service:Operation:times:skip`` (``fedstream local --fault sfn:``).
+    Catch run as on AWS. ``specs``: ``service:Operation:times:skip[:lost]`` (``fedstream local
+    --fault sfn:``). With ``lost`` the call reaches the service, which applies it, and the answer
+    is replaced by a server error (``DynamoDB.InternalServerErrorException``,
+    ``SNS.InternalErrorException``): the retry repeats a call that already took effect.
     """
     from botocore.exceptions import ClientError
     from moto.stepfunctions.parser.asl.component.state.exec.state_task.service import (
@@ -250,33 +255,44 @@ def inject_state_machine_faults(specs: list[str]) -> None:
     lock = threading.Lock()
     rules: list[dict[str, Any]] = []
     for spec in specs:
-        service, operation, times, skip = spec.split(":")
-        rules.append({"service": service, "operation": operation, "times": int(times), "skip": int(skip)})
+        service, operation, times, skip, *when = spec.split(":")
+        lost = when == ["lost"]
+        rules.append(
+            {"service": service, "operation": operation, "times": int(times), "skip": int(skip), "lost": lost}
+        )
 
     def rule_hook(rule: dict[str, Any]) -> Any:
         calls = [0]
 
-        def before_call(**_: Any) -> None:
+        def hook(**_: Any) -> None:
             with lock:
                 calls[0] += 1
                 failing = rule["skip"] < calls[0] <= rule["skip"] + rule["times"]
             if failing:
-                code = _THROTTLED[rule["service"]]
+                code = (_LOST if rule["lost"] else _THROTTLED)[rule["service"]]
+                applied = " after the service applied it" if rule["lost"] else ""
                 print(  # to the server's stderr: aws.log in a local run
                     f"fedstream fault: the state machine's {rule['service']} {rule['operation']} call "
-                    f"{calls[0]} answered {code}",
+                    f"{calls[0]} answered {code}{applied}",
                     file=sys.stderr,
                     flush=True,
                 )
                 raise ClientError(
                     {
-                        "Error": {"Code": code, "Message": "throttled by fedstream local --fault sfn:"},
-                        "ResponseMetadata": {"HTTPStatusCode": 400, "RequestId": "fedstream-fault"},
+                        "Error": {
+                            "Code": code,
+                            "Message": f"{'answer lost' if rule['lost'] else 'throttled'} by "
+                            "fedstream local --fault sfn:",
+                        },
+                        "ResponseMetadata": {
+                            "HTTPStatusCode": 500 if rule["lost"] else 400,
+                            "RequestId": "fedstream-fault",
+                        },
                     },
                     rule["operation"],
                 )
 
-        return before_call
+        return hook
 
     hooks = [(rule, rule_hook(rule)) for rule in rules]
     for module in (state_task_service_dynamodb, state_task_service_sns):
@@ -287,7 +303,8 @@ def inject_state_machine_faults(specs: list[str]) -> None:
             service = client.meta.service_model.service_name
             for rule, hook in hooks:
                 if rule["service"] == service:
-                    client.meta.events.register(f"before-call.{service}.{rule['operation']}", hook)
+                    event = "after-call" if rule["lost"] else "before-call"
+                    client.meta.events.register(f"{event}.{service}.{rule['operation']}", hook)
             return client
 
         module.boto_client_for = patched

@@ -15,6 +15,9 @@
                                    (default 1) after the first SKIP (default 0): DynamoDB
                                    ``ProvisionedThroughputExceededException``, SNS ``Throttled``;
                                    service dynamodb | sns (``embedded.inject_state_machine_faults``)
+``sfn:<service>:<Op>:N:SKIP:lost``  the same calls reach the service and take effect, and their
+                                   answer is lost: a server error (DynamoDB ``InternalServerError``,
+                                   SNS ``InternalError``) makes the state machine retry them
 =================================  ==========================================================
 
 Throttles and errors are answered before the request leaves botocore (its ``before-send``
@@ -85,11 +88,15 @@ class FaultPlan:
                 elif head == "sfn":
                     service, _, rest = rest.partition(":")
                     operation, _, rest = rest.partition(":")
-                    times, _, skip = rest.partition(":")
-                    if service not in ("dynamodb", "sns") or not operation:
-                        raise ValueError("expects sfn:dynamodb|sns:Operation[:N[:SKIP]]")
+                    times, _, rest = rest.partition(":")
+                    skip, _, when = rest.partition(":")
+                    if service not in ("dynamodb", "sns") or not operation or when not in ("", "lost"):
+                        raise ValueError("expects sfn:dynamodb|sns:Operation[:N[:SKIP[:lost]]]")
                     skipped = 0 if not skip else _count(skip, spec) if skip != "0" else 0
-                    state_machine.append(f"{service}:{operation}:{_count(times or '1', spec)}:{skipped}")
+                    lost = ":lost" if when else ""
+                    state_machine.append(
+                        f"{service}:{operation}:{_count(times or '1', spec)}:{skipped}{lost}"
+                    )
                 else:
                     others = ["throttle:", "error:", "kill:", "hang:", "redeliver:", "sfn:"]
                     known = ", ".join([*sorted(faults.POINTS), *others])

@@ -191,6 +191,28 @@ def test_the_state_machine_retries_throttled_dynamodb_and_sns_calls_and_the_run_
     assert_same_model(summary, fault_free)
 
 
+@pytest.mark.parametrize(
+    ("skip", "task"),
+    [(0, "InitRun"), (1, "OpenRound"), (2, "OpenRound of round 2")],
+    ids=["init", "open", "open2"],
+)
+def test_a_state_machine_write_that_took_effect_but_lost_its_answer_is_retried_and_the_run_succeeds(
+    tmp_path: Path, fault_free: dict[str, np.ndarray], skip: int, task: str
+) -> None:
+    # GIVEN one of the state machine's conditional PutItem calls reaches DynamoDB and writes its
+    # item, and its answer is lost (a server error): the Retry makes the same call again and finds
+    # the item there
+    summary = run(tmp_path, f"sfn:dynamodb:PutItem:1:{skip}:lost")
+
+    # THEN it knows the item for its own (its own run, its own round) and the run ends with the
+    # fault-free model
+    log = (tmp_path / "aws.log").read_text()
+    assert log.count("after the service applied it") == 1, task
+    assert summary.status == "SUCCEEDED", summary.error
+    assert_nothing_lost_or_doubled(summary)
+    assert_same_model(summary, fault_free)
+
+
 def test_a_state_machine_call_that_keeps_failing_fails_the_run_with_its_reason_and_tells_the_clients(
     tmp_path: Path,
 ) -> None:

@@ -70,3 +70,12 @@ def test_a_retried_open_round_that_had_written_its_round_goes_on() -> None:
         if "DynamoDB.ConditionalCheckFailedException" in c["ErrorEquals"]
     ]
     assert written["Next"] == STATES["OpenRound"]["Next"] and written["ResultPath"] is None
+
+
+def test_a_retried_init_run_whose_write_had_landed_takes_its_own_run_item() -> None:
+    # the condition admits a run item only this execution could have written: a retry after a lost
+    # answer goes on, another execution's run still ends in RunExists
+    parameters = STATES["InitRun"]["Parameters"]
+    assert parameters["ConditionExpression"] == "attribute_not_exists(run_id) OR execution_arn = :me"
+    assert parameters["ExpressionAttributeValues"][":me"] == {"S.$": "$$.Execution.Id"}
+    assert parameters["Item"]["execution_arn"] == {"S.$": "$$.Execution.Id"}
